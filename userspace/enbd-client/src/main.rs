@@ -1,0 +1,204 @@
+//! enbd-client: the helper daemon of the enbd network block device.
+//!
+//! It negotiates with an NBD server, configures `/dev/enbdN` through ioctls,
+//! hands it connected sockets and reports the device's state.
+
+mod connect;
+mod ioctl;
+mod negotiate;
+mod procinfo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use connect::{ConnectOpts, Target};
+use ioctl::EnbdDev;
+use procinfo::ProcInfo;
+
+const PROC_PATH: &str = "/proc/nbdinfo";
+
+#[derive(Parser)]
+#[command(
+    name = "enbd-client",
+    version,
+    about = "Helper daemon for enbd, the Enhanced Network Block Device",
+    long_about = "Connects /dev/enbdN to an NBD server (enbd-server, nbd-server, nbdkit, \
+                  qemu-nbd), keeps the connection alive, and reports device state. \
+                  Device control needs root."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Connect a device to an export and stay resident until it is
+    /// disconnected (SIGTERM disconnects cleanly, SIGUSR2 ejects).
+    Connect {
+        /// The device, for example /dev/enbd0.
+        device: PathBuf,
+        /// Server as HOST, HOST:PORT, [IPv6]:PORT or unix:/path (port 10809
+        /// by default). Several servers spread the channels over them.
+        #[arg(required = true)]
+        servers: Vec<Target>,
+        /// Export name (empty means the server's default export).
+        #[arg(short, long, default_value = "")]
+        export: String,
+        /// Connections to open; requests go to whichever is free.
+        #[arg(short, long, default_value_t = 1)]
+        channels: u32,
+        /// Seconds allowed for connecting and negotiating each channel.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Stay in the foreground instead of forking into the background.
+        #[arg(short, long)]
+        foreground: bool,
+        /// Append the daemon's log to this file (default: discard it).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// List the exports a server offers.
+    List {
+        /// Server as HOST, HOST:PORT, [IPv6]:PORT or unix:/path.
+        server: Target,
+        /// Seconds allowed for connecting and listing.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Disconnect a device cleanly: in-flight requests finish, then the
+    /// server is told NBD_CMD_DISC and the device returns to capacity 0.
+    Disconnect {
+        /// The device, for example /dev/enbd0.
+        device: PathBuf,
+    },
+    /// Fail every pending request with an I/O error and drop all channels at
+    /// once (what SIGUSR2 does to a running helper).
+    Eject {
+        /// The device, for example /dev/enbd0.
+        device: PathBuf,
+    },
+    /// Show every device's state, server, export and counters.
+    Status {
+        /// Only this device (enbd0 or /dev/enbd0).
+        device: Option<String>,
+        /// Print /proc/nbdinfo as the kernel writes it.
+        #[arg(long)]
+        raw: bool,
+    },
+}
+
+fn status(device: Option<String>, raw: bool) -> Result<()> {
+    let text = std::fs::read_to_string(PROC_PATH)
+        .with_context(|| format!("cannot read {PROC_PATH}: is enbd.ko loaded?"))?;
+    if raw {
+        print!("{text}");
+        return Ok(());
+    }
+    let info = ProcInfo::parse(&text);
+    let want = device.map(|d| d.trim_start_matches("/dev/").to_owned());
+    println!("enbd {} ({} devices)", info.version, info.devices().len());
+    let mut shown = 0;
+    for dev in info.devices() {
+        if want.as_deref().is_some_and(|w| w != dev) {
+            continue;
+        }
+        shown += 1;
+        for l in info.lines_of(dev) {
+            match l.tag.as_deref() {
+                None => {
+                    let g = |k| l.get(k).unwrap_or("-");
+                    println!(
+                        "/dev/{dev}: {} size {} block {} server {} export {} flags {}",
+                        g("state"),
+                        g("size"),
+                        g("blksize"),
+                        g("server"),
+                        g("export"),
+                        g("flags")
+                    );
+                }
+                Some(tag) => {
+                    let f: Vec<String> = l.fields.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    println!("    {tag}: {}", f.join(", "));
+                }
+            }
+        }
+    }
+    if let Some(w) = want {
+        if shown == 0 {
+            anyhow::bail!("no device {w} in {PROC_PATH}");
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Connect {
+            device,
+            servers,
+            export,
+            channels,
+            timeout,
+            foreground,
+            log,
+        } => connect::run(ConnectOpts {
+            device,
+            targets: servers,
+            export,
+            channels,
+            timeout: Duration::from_secs(timeout),
+            foreground,
+            log,
+        }),
+        Cmd::List { server, timeout } => {
+            let mut s = connect::Stream::connect(&server, Duration::from_secs(timeout))?;
+            negotiate::greet(&mut s)?;
+            for (name, desc) in negotiate::list(&mut s)? {
+                if desc.is_empty() {
+                    println!("{name}");
+                } else {
+                    println!("{name}\t{desc}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Disconnect { device } => {
+            EnbdDev::open(&device)?.disconnect()?;
+            println!("{}: disconnected", device.display());
+            Ok(())
+        }
+        Cmd::Eject { device } => {
+            EnbdDev::open(&device)?.eject()?;
+            println!("{}: ejected", device.display());
+            Ok(())
+        }
+        Cmd::Status { device, raw } => status(device, raw),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A daemon logging to a file must not write terminal colour codes there.
+    let to_file = matches!(cli.cmd, Cmd::Connect { log: Some(_), .. });
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENBD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(!to_file && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("enbd-client: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,12 @@
+// SPDX-License-Identifier: GPL-2.0
+//! Kernel-independent enbd logic, shared with the kernel module.
+//!
+//! Each module here is a single `no_std`, allocation-free file that
+//! `drivers/block/enbd/main.rs` also compiles with `#[path]`, so the module
+//! and userspace run the same code and cargo tests cover what the kernel runs.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+pub mod journal;
+pub mod uapi;
+pub mod wire;

@@ -1,0 +1,423 @@
+// SPDX-License-Identifier: GPL-2.0
+//! The ioctl interface between `enbd-client` and `enbd.ko`.
+//!
+//! Like `wire.rs`, this file is compiled into both the module and userspace,
+//! so the two sides cannot disagree. Arguments cross the boundary as byte
+//! arrays with an explicit layout (native endianness, no padding) that
+//! `to_bytes`/`from_bytes` encode, so neither side needs `unsafe` casts.
+//!
+//! All ioctls are issued on the block device (`/dev/enbdN`) and need
+//! `CAP_SYS_ADMIN`; see `Documentation/ioctl.md`.
+
+// The module may be built with rustc as old as 6.12's minimum (1.78), which
+// lacks `is_multiple_of`.
+#![allow(clippy::manual_is_multiple_of)]
+
+/// ioctl "type" byte; 0xEB is unused in `ioctl-number.rst`.
+pub const IOC_MAGIC: u32 = 0xEB;
+
+const IOC_NONE: u32 = 0;
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (IOC_MAGIC << 8) | nr
+}
+
+/// Configure an idle device from the handshake's results. In: [`Config`];
+/// out: the same with `token` filled in. `EBUSY` if already configured.
+pub const IOC_CONFIGURE: u32 = ioc(IOC_READ | IOC_WRITE, 1, Config::SIZE);
+/// Hand a connected socket to the device as a new channel. In: [`SockArg`].
+pub const IOC_ADD_SOCK: u32 = ioc(IOC_WRITE, 2, SockArg::SIZE);
+/// Send `NBD_CMD_DISC` on every channel once in-flight requests are answered,
+/// release the channels and return the device to the unconfigured state.
+pub const IOC_DISCONNECT: u32 = ioc(IOC_NONE, 3, 0);
+/// Fail every pending request with an I/O error and release every channel at
+/// once (ENBD's SIGUSR2 eject). The device returns to the unconfigured state.
+pub const IOC_EJECT: u32 = ioc(IOC_NONE, 4, 0);
+/// Read the device's state. Out: [`Status`].
+pub const IOC_STATUS: u32 = ioc(IOC_READ, 5, Status::SIZE);
+
+/// Length of the device token in bytes (128 bits).
+pub const TOKEN_LEN: usize = 16;
+/// Length of the server and export name fields, NUL-padded.
+pub const NAME_LEN: usize = 64;
+
+/// Smallest logical block size a device accepts.
+pub const MIN_BLOCK_SIZE: u32 = 512;
+/// Largest logical block size a device accepts (the page size on x86).
+pub const MAX_BLOCK_SIZE: u32 = 4096;
+
+/// Device states, as `Status::state` and in `/proc/nbdinfo`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DevState {
+    /// No export configured; capacity 0.
+    Unconfigured = 0,
+    /// Configured, but no working channel: requests wait.
+    Waiting = 1,
+    /// At least one working channel.
+    Connected = 2,
+    /// Disconnect or eject in progress.
+    Closing = 3,
+}
+
+impl DevState {
+    /// Decodes a state number.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => DevState::Unconfigured,
+            1 => DevState::Waiting,
+            2 => DevState::Connected,
+            3 => DevState::Closing,
+            _ => return None,
+        })
+    }
+
+    /// The name used in `/proc/nbdinfo`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DevState::Unconfigured => "unconfigured",
+            DevState::Waiting => "waiting",
+            DevState::Connected => "connected",
+            DevState::Closing => "closing",
+        }
+    }
+}
+
+/// Why an argument was refused; the kernel maps every variant to `EINVAL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgError {
+    /// The block size is not a power of two in 512..=4096.
+    BlockSize,
+    /// The size is not a multiple of the block size, or too large.
+    Size,
+    /// Reserved bits or fields are set.
+    Reserved,
+    /// A name is not NUL-terminated.
+    Name,
+}
+
+impl core::fmt::Display for ArgError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ArgError::BlockSize => "block size must be a power of two from 512 to 4096",
+            ArgError::Size => "size must be a multiple of the block size and below 2^63",
+            ArgError::Reserved => "reserved field set",
+            ArgError::Name => "name not NUL-terminated",
+        })
+    }
+}
+
+impl core::error::Error for ArgError {}
+
+/// Little cursor over a fixed array, in native byte order.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        if let Some(src) = self.buf.get(self.pos..self.pos + N) {
+            out.copy_from_slice(src);
+        }
+        self.pos += N;
+        out
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_ne_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_ne_bytes(self.take())
+    }
+}
+
+struct Out<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Out<'_> {
+    fn put(&mut self, b: &[u8]) {
+        if let Some(dst) = self.buf.get_mut(self.pos..self.pos + b.len()) {
+            dst.copy_from_slice(b);
+        }
+        self.pos += b.len();
+    }
+}
+
+/// Argument of [`IOC_CONFIGURE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags from the handshake (`wire::tx::*`).
+    pub nbd_flags: u32,
+    /// Logical block size; 0 means 512.
+    pub block_size: u32,
+    /// Largest request payload the server accepts; 0 means 32 MiB.
+    pub max_payload: u32,
+    /// Must be 0.
+    pub reserved: u32,
+    /// Server address, for `/proc/nbdinfo` only.
+    pub server: [u8; NAME_LEN],
+    /// Export name, for `/proc/nbdinfo` only.
+    pub export: [u8; NAME_LEN],
+    /// Out: the device's token, needed by every later `IOC_ADD_SOCK`.
+    pub token: [u8; TOKEN_LEN],
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            size: 0,
+            nbd_flags: 0,
+            block_size: 0,
+            max_payload: 0,
+            reserved: 0,
+            server: [0; NAME_LEN],
+            export: [0; NAME_LEN],
+            token: [0; TOKEN_LEN],
+        }
+    }
+}
+
+impl Config {
+    /// Size of the encoded argument.
+    pub const SIZE: usize = 8 + 4 * 4 + 2 * NAME_LEN + TOKEN_LEN;
+
+    /// Encodes the argument.
+    pub fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut buf = [0u8; Self::SIZE];
+        let mut o = Out {
+            buf: &mut buf,
+            pos: 0,
+        };
+        o.put(&self.size.to_ne_bytes());
+        o.put(&self.nbd_flags.to_ne_bytes());
+        o.put(&self.block_size.to_ne_bytes());
+        o.put(&self.max_payload.to_ne_bytes());
+        o.put(&self.reserved.to_ne_bytes());
+        o.put(&self.server);
+        o.put(&self.export);
+        o.put(&self.token);
+        buf
+    }
+
+    /// Decodes the argument.
+    pub fn from_bytes(buf: &[u8; Self::SIZE]) -> Self {
+        let mut c = Cursor { buf, pos: 0 };
+        Self {
+            size: c.u64(),
+            nbd_flags: c.u32(),
+            block_size: c.u32(),
+            max_payload: c.u32(),
+            reserved: c.u32(),
+            server: c.take(),
+            export: c.take(),
+            token: c.take(),
+        }
+    }
+
+    /// The effective logical block size.
+    pub fn logical_block_size(&self) -> u32 {
+        if self.block_size == 0 {
+            MIN_BLOCK_SIZE
+        } else {
+            self.block_size
+        }
+    }
+
+    /// Checks what the kernel relies on: a sane block size, a size that is a
+    /// whole number of blocks, NUL-terminated names, zero reserved fields.
+    pub fn validate(&self) -> Result<(), ArgError> {
+        let bs = self.logical_block_size();
+        if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(ArgError::BlockSize);
+        }
+        if self.size % u64::from(bs) != 0 || self.size > i64::MAX as u64 {
+            return Err(ArgError::Size);
+        }
+        if self.reserved != 0 || self.nbd_flags > u32::from(u16::MAX) {
+            return Err(ArgError::Reserved);
+        }
+        if !self.server.contains(&0) || !self.export.contains(&0) {
+            return Err(ArgError::Name);
+        }
+        Ok(())
+    }
+}
+
+/// Copies `s` into a NUL-padded name field, truncating it so a NUL remains.
+pub fn name_field(s: &[u8]) -> [u8; NAME_LEN] {
+    let mut out = [0u8; NAME_LEN];
+    let n = s.len().min(NAME_LEN - 1);
+    out[..n].copy_from_slice(&s[..n]);
+    out
+}
+
+/// The bytes of a NUL-padded name field before the first NUL.
+pub fn name_str(field: &[u8]) -> &[u8] {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    &field[..end]
+}
+
+/// Argument of [`IOC_ADD_SOCK`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockArg {
+    /// A connected socket, past the handshake.
+    pub fd: i32,
+    /// Must be 0.
+    pub flags: u32,
+    /// The token `IOC_CONFIGURE` returned.
+    pub token: [u8; TOKEN_LEN],
+}
+
+impl SockArg {
+    /// Size of the encoded argument.
+    pub const SIZE: usize = 4 + 4 + TOKEN_LEN;
+
+    /// Encodes the argument.
+    pub fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut buf = [0u8; Self::SIZE];
+        let mut o = Out {
+            buf: &mut buf,
+            pos: 0,
+        };
+        o.put(&self.fd.to_ne_bytes());
+        o.put(&self.flags.to_ne_bytes());
+        o.put(&self.token);
+        buf
+    }
+
+    /// Decodes the argument.
+    pub fn from_bytes(buf: &[u8; Self::SIZE]) -> Self {
+        let mut c = Cursor { buf, pos: 0 };
+        Self {
+            fd: i32::from_ne_bytes(c.take()),
+            flags: c.u32(),
+            token: c.take(),
+        }
+    }
+}
+
+/// Argument of [`IOC_STATUS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Status {
+    /// A [`DevState`] number.
+    pub state: u32,
+    /// Working channels.
+    pub channels: u32,
+    /// Requests in the journal (queued or sent).
+    pub inflight: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+    /// Configured size in bytes.
+    pub size: u64,
+    /// Socket handoffs refused for a wrong token.
+    pub token_rejects: u64,
+}
+
+impl Status {
+    /// Size of the encoded argument.
+    pub const SIZE: usize = 4 * 4 + 8 * 2;
+
+    /// Encodes the argument.
+    pub fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut buf = [0u8; Self::SIZE];
+        let mut o = Out {
+            buf: &mut buf,
+            pos: 0,
+        };
+        o.put(&self.state.to_ne_bytes());
+        o.put(&self.channels.to_ne_bytes());
+        o.put(&self.inflight.to_ne_bytes());
+        o.put(&self.reserved.to_ne_bytes());
+        o.put(&self.size.to_ne_bytes());
+        o.put(&self.token_rejects.to_ne_bytes());
+        buf
+    }
+
+    /// Decodes the argument.
+    pub fn from_bytes(buf: &[u8; Self::SIZE]) -> Self {
+        let mut c = Cursor { buf, pos: 0 };
+        Self {
+            state: c.u32(),
+            channels: c.u32(),
+            inflight: c.u32(),
+            reserved: c.u32(),
+            size: c.u64(),
+            token_rejects: c.u64(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_are_stable() {
+        // _IOWR(0xEB, 1, 168), _IOW(0xEB, 2, 24), _IO(0xEB, 3), _IO(0xEB, 4), _IOR(0xEB, 5, 32)
+        assert_eq!(Config::SIZE, 168);
+        assert_eq!(IOC_CONFIGURE, 0xC0A8_EB01);
+        assert_eq!(IOC_ADD_SOCK, 0x4018_EB02);
+        assert_eq!(IOC_DISCONNECT, 0x0000_EB03);
+        assert_eq!(IOC_EJECT, 0x0000_EB04);
+        assert_eq!(IOC_STATUS, 0x8020_EB05);
+    }
+
+    #[test]
+    fn config_round_trip_and_validation() {
+        let mut c = Config {
+            size: 1 << 30,
+            nbd_flags: 0x1ff,
+            block_size: 4096,
+            max_payload: 1 << 20,
+            server: name_field(b"10.0.0.1:10809"),
+            export: name_field(b"disk"),
+            token: [7; TOKEN_LEN],
+            ..Config::default()
+        };
+        assert_eq!(Config::from_bytes(&c.to_bytes()), c);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(name_str(&c.export), b"disk");
+        c.block_size = 1024 + 512;
+        assert_eq!(c.validate(), Err(ArgError::BlockSize));
+        c.block_size = 8192;
+        assert_eq!(c.validate(), Err(ArgError::BlockSize));
+        c.block_size = 0;
+        c.size = 1000;
+        assert_eq!(c.validate(), Err(ArgError::Size));
+        c.size = 1024;
+        c.server = [b'x'; NAME_LEN];
+        assert_eq!(c.validate(), Err(ArgError::Name));
+        c.server = name_field(&[b'y'; 200]);
+        assert_eq!(c.validate(), Ok(()));
+        c.reserved = 1;
+        assert_eq!(c.validate(), Err(ArgError::Reserved));
+    }
+
+    #[test]
+    fn sock_and_status_round_trip() {
+        let s = SockArg {
+            fd: -3,
+            flags: 0,
+            token: [0xaa; TOKEN_LEN],
+        };
+        assert_eq!(SockArg::from_bytes(&s.to_bytes()), s);
+        let st = Status {
+            state: DevState::Connected as u32,
+            channels: 4,
+            inflight: 17,
+            reserved: 0,
+            size: 5 << 30,
+            token_rejects: 2,
+        };
+        assert_eq!(Status::from_bytes(&st.to_bytes()), st);
+        assert_eq!(DevState::from_u32(st.state), Some(DevState::Connected));
+        assert_eq!(DevState::from_u32(9), None);
+    }
+}

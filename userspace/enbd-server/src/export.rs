@@ -1,0 +1,157 @@
+//! Named exports and how they are given on the command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use enbd_core::wire::tx;
+
+use crate::backend::Backend;
+
+/// Largest request payload served (and announced in `INFO_BLOCK_SIZE`).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// `--export NAME=PATH[,ro][,desc=TEXT]` as parsed from the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub description: String,
+}
+
+impl std::str::FromStr for ExportSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}': expected NAME=PATH[,ro][,desc=TEXT]"))?;
+        let mut parts = rest.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(format!("'{s}': empty path"));
+        }
+        let mut spec = ExportSpec {
+            name: name.to_owned(),
+            path: path.into(),
+            read_only: false,
+            description: String::new(),
+        };
+        for p in parts {
+            match p {
+                "ro" => spec.read_only = true,
+                "rw" => spec.read_only = false,
+                _ => match p.strip_prefix("desc=") {
+                    Some(d) => spec.description = d.to_owned(),
+                    None => {
+                        return Err(format!(
+                            "'{s}': unknown export option '{p}' (use ro, rw or desc=TEXT)"
+                        ))
+                    }
+                },
+            }
+        }
+        if spec.name.len() > 4096 {
+            return Err("export name longer than 4096 bytes".into());
+        }
+        Ok(spec)
+    }
+}
+
+/// An open export.
+#[derive(Debug)]
+pub struct Export {
+    name: String,
+    description: String,
+    backend: Backend,
+}
+
+impl Export {
+    pub fn open(spec: &ExportSpec) -> anyhow::Result<Self> {
+        let backend = Backend::open(&spec.path, spec.read_only)
+            .map_err(|e| anyhow::anyhow!("export '{}': {e:#}", spec.name))?;
+        Ok(Self {
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            backend,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Transmission flags announced for this export. One backing file has no
+    /// per-connection cache, so several connections see the same data.
+    pub fn tx_flags(&self) -> u16 {
+        let mut f = tx::HAS_FLAGS
+            | tx::SEND_FLUSH
+            | tx::SEND_FUA
+            | tx::SEND_TRIM
+            | tx::SEND_WRITE_ZEROES
+            | tx::CAN_MULTI_CONN;
+        if self.backend.read_only() {
+            f |= tx::READ_ONLY;
+        }
+        f
+    }
+}
+
+/// All exports; the first is the default one (empty name).
+#[derive(Debug, Default)]
+pub struct Exports(Vec<Arc<Export>>);
+
+impl Exports {
+    pub fn open(specs: &[ExportSpec]) -> anyhow::Result<Self> {
+        let mut v: Vec<Arc<Export>> = Vec::new();
+        for s in specs {
+            if v.iter().any(|e| e.name == s.name) {
+                anyhow::bail!("export '{}' given twice", s.name);
+            }
+            v.push(Arc::new(Export::open(s)?));
+        }
+        Ok(Self(v))
+    }
+
+    /// Finds an export by name; the empty name selects the first export.
+    pub fn find(&self, name: &[u8]) -> Option<Arc<Export>> {
+        if name.is_empty() {
+            return self.0.first().cloned();
+        }
+        self.0.iter().find(|e| e.name.as_bytes() == name).cloned()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.0.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_parsing() {
+        let s: ExportSpec = "disk=/tmp/x,ro,desc=a test".parse().unwrap();
+        assert_eq!(s.name, "disk");
+        assert_eq!(s.path, PathBuf::from("/tmp/x"));
+        assert!(s.read_only);
+        assert_eq!(s.description, "a test");
+        assert!("nodelimiter".parse::<ExportSpec>().is_err());
+        assert!("x=".parse::<ExportSpec>().is_err());
+        let e = "x=/a,rx".parse::<ExportSpec>().unwrap_err();
+        assert!(e.contains("unknown export option 'rx'"), "{e}");
+    }
+}
