@@ -60,6 +60,17 @@ tag_field() {
 	grep "^$dev $tag " /proc/nbdinfo | tr ' ' '\n' | sed -n "s/^$key=//p" | head -n1
 }
 
+# Whether /dev/$1 has exactly $2 working channels (for wait_for, which
+# re-runs it: never pass it a $(...) that would be expanded only once).
+channels_are() {
+	[ "$(proc_field "$1" channels)" = "$2" ]
+}
+
+# Channel-up messages the kernel logged since the case began.
+channels_started() {
+	dmesg | tail -n +"$((CASE_DMESG + 1))" | grep -c 'enbd0: channel [0-9]* up'
+}
+
 # Whether a live (not zombie) enbd-client runs. The test VM's init does not
 # reap orphans, so exited daemons linger as zombies there.
 helper_running() {
@@ -117,5 +128,79 @@ connect_enbd() {
 	local dev=$1 port=$2 export=$3
 	shift 3
 	run "$CLIENT" connect "$dev" "127.0.0.1:$port" --export "$export" --log "/tmp/enbd-client-${dev##*/}.log" "$@"
-	wait_for 10 test "$(blockdev --getsize64 "$dev")" != 0 || fail "$dev has no capacity after connect"
+	wait_for 10 sh -c "test \$(blockdev --getsize64 $dev) != 0" || fail "$dev has no capacity after connect"
+}
+
+# Puts a server host in network namespace "srv" behind a veth pair:
+# 10.99.0.1 (veth-c, this namespace) <-> 10.99.0.2 (veth-s, in srv).
+setup_netns() {
+	run ip netns add srv
+	run ip link add veth-c type veth peer name veth-s
+	run ip link set veth-s netns srv
+	run ip addr add 10.99.0.1/24 dev veth-c
+	run ip link set veth-c up
+	run ip netns exec srv ip addr add 10.99.0.2/24 dev veth-s
+	run ip netns exec srv ip link set veth-s up
+	run ip netns exec srv ip link set lo up
+}
+
+# Starts enbd-server inside netns srv on 10.99.0.2:$1.
+start_server_ns() {
+	local port=$1
+	shift
+	local args=()
+	for e in "$@"; do args+=(--export "$e"); done
+	ip netns exec srv "$SERVER" --listen "10.99.0.2:$port" "${args[@]}" >"/tmp/enbd-server-$port.log" 2>&1 &
+	SERVER_PID=$!
+	wait_for 20 sh -c "ip netns exec srv ss -Hltn 'sport = :$port' | grep -q LISTEN" || fail "server in netns not listening"
+}
+
+# Starts fio in the background: random writes of 64 KiB over the first
+# 256 MiB of $1, each block read back and checked (crc32c) while the run
+# goes on, $2 MiB of writes in all (default 768). Mixed reads and writes.
+FIO_JSON=/tmp/fio-verify.json
+fio_verify_start() {
+	local dev=$1 total=${2:-768}
+	rm -f "$FIO_JSON" /tmp/fio.rc
+	(
+		fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 \
+			--rw=randwrite --bs=64k --size=256M --io_size="${total}M" --randrepeat=0 \
+			--verify=crc32c --verify_backlog=64 --verify_fatal=1 --do_verify=1 \
+			--output-format=json --output="$FIO_JSON" >/tmp/fio.out 2>&1
+		echo $? >/tmp/fio.rc
+	) &
+	FIO_PID=$!
+	DMESG_MARK=$(dmesg | wc -l)
+}
+
+# Waits for fio, fails on any error, and prints the longest completion
+# latency ("stall") it saw, in ms.
+fio_verify_finish() {
+	local limit=${1:-300}
+	wait_for "$limit" test -f /tmp/fio.rc || fail "fio did not finish within ${limit}s"
+	wait "$FIO_PID" 2>/dev/null
+	cat /tmp/fio.out
+	[ "$(cat /tmp/fio.rc)" = 0 ] || fail "fio failed (rc $(cat /tmp/fio.rc))"
+	python3 - "$FIO_JSON" <<'PY' || fail "fio reported errors"
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+errs = j.get("error", 0) + j.get("total_err", 0)
+stall = max(j["read"]["clat_ns"]["max"], j["write"]["clat_ns"]["max"]) / 1e6
+mb = (j["read"]["io_bytes"] + j["write"]["io_bytes"]) / 2**20
+print(f"fio: {mb:.0f} MiB read+written, {errs} errors, longest stall {stall:.0f} ms")
+sys.exit(1 if errs else 0)
+PY
+	if dmesg | tail -n +"$((DMESG_MARK + 1))" | grep -E 'I/O error|Buffer I/O'; then
+		fail "the kernel logged I/O errors"
+	fi
+}
+
+# The local ports of established connections to port $1.
+channel_ports() {
+	ss -Htn state established "( dport = :$1 )" | awk '{print $3}' | sed 's/.*://' | sort -n
+}
+
+# Kills one TCP connection to port $1, by local port $2.
+kill_conn() {
+	run ss -K state established "( dport = :$1 and sport = :$2 )"
 }

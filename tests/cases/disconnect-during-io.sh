@@ -4,6 +4,7 @@ load_enbd
 make_backing /tmp/disk.img 256
 start_server 10809 disk=/tmp/disk.img
 connect_enbd /dev/enbd0 10809 disk --channels 2
+rm -f /tmp/dd.rc /tmp/dd.err
 ( dd if=/dev/urandom of=/dev/enbd0 bs=1M count=200 oflag=direct 2>/tmp/dd.err; echo $? >/tmp/dd.rc ) &
 sleep 3
 run timeout 60 "$CLIENT" disconnect /dev/enbd0

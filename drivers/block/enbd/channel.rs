@@ -4,15 +4,17 @@
 //!
 //! Senders pull from the device's shared queue whenever they are free, so the
 //! channel that drains its socket fastest takes the most requests (ENBD's
-//! demand multiplexing); a dead channel simply stops pulling. The receiver
-//! matches replies to the journal by cookie.
+//! demand multiplexing); a dead or suspect channel simply stops pulling. The
+//! receiver matches replies to the journal by cookie. Keep-alive probes are
+//! sent by the channel's own sender, so the socket has a single writer.
 
 use core::sync::atomic::Ordering::Relaxed;
 
 use crate::device::Device;
-use crate::journal::{split_cookie, Reply};
+use crate::health::{Health, PROBE_TAG};
+use crate::journal::{cookie, split_cookie, Reply};
 use crate::sys::{self, Socket};
-use crate::wire::{Request, SimpleReply};
+use crate::wire::{Cmd, Request, SimpleReply};
 
 /// A channel's life, as kept in the device's `Io`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -26,89 +28,117 @@ pub(crate) enum ChanState {
     Dead,
 }
 
-impl ChanState {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            ChanState::Unused => "unused",
-            ChanState::Up => "up",
-            ChanState::Dead => "dead",
-        }
-    }
-}
-
 /// Per-channel state and counters, under the device's `io` lock.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ChanInfo {
     pub(crate) state: ChanState,
+    /// Identifies this channel among all channels the device ever had, so a
+    /// stale reference cannot act on a newer channel with the same id.
+    pub(crate) serial: u64,
+    pub(crate) health: Health,
+    /// Bytes a keep-alive probe reads.
+    pub(crate) probe_len: u32,
     pub(crate) requests: u64,
     pub(crate) bytes: u64,
     pub(crate) errors: u64,
     pub(crate) resubmits: u64,
+    pub(crate) spoiled: u64,
+    pub(crate) latency_sum_ns: u64,
+    pub(crate) replies: u64,
 }
 
 impl ChanInfo {
-    pub(crate) fn up() -> Self {
+    pub(crate) fn up(serial: u64, now: u64, probe_len: u32) -> Self {
         Self {
             state: ChanState::Up,
+            serial,
+            health: Health::new(now),
+            probe_len,
             ..Self::default()
         }
+    }
+
+    /// The state as `/proc/nbdinfo` shows it.
+    pub(crate) fn state_name(&self) -> &'static str {
+        match self.state {
+            ChanState::Unused => "unused",
+            ChanState::Up if self.health.is_suspect() => "suspect",
+            ChanState::Up => "up",
+            ChanState::Dead => "dead",
+        }
+    }
+
+    /// Average time from sending a request to its reply, in microseconds.
+    pub(crate) fn avg_latency_us(&self) -> u64 {
+        self.latency_sum_ns.checked_div(self.replies).unwrap_or(0) / 1000
     }
 }
 
 /// What the channel threads share.
 pub(crate) struct Channel {
     pub(crate) id: u8,
+    pub(crate) serial: u64,
     pub(crate) sock: Socket,
 }
 
-impl Channel {
-    pub(crate) fn new(id: u8, sock: Socket) -> Self {
-        Self { id, sock }
-    }
+/// What a sender does next.
+enum Next {
+    Probe(Request),
+    Send(crate::journal::Taken<sys::Rq, Request>),
 }
 
 /// The sender thread: takes the next queued request whenever it is free and
-/// writes it (and a write's data) to the socket.
+/// writes it (and a write's data) to the socket; sends keep-alive probes.
 pub(crate) fn sender(dev: &Device, chan: &Channel) {
     loop {
-        let taken = {
+        let next = {
             let mut io = dev.io.lock();
             loop {
-                if io.chans.get(chan.id as usize).map(|c| c.state)
-                    != Some(crate::channel::ChanState::Up)
-                {
+                let now = sys::now_ns();
+                let Some(info) = io.chan_mut(chan) else {
                     drop(io);
                     // Pass on a wake-up this thread may have consumed.
                     dev.work.notify_one();
                     return;
+                };
+                if let Some(seq) = info.health.take_probe(now) {
+                    let len = info.probe_len;
+                    break Next::Probe(Request::new(Cmd::Read, 0, cookie(PROBE_TAG, seq), 0, len));
                 }
-                let now = sys::now_ns();
-                if let Some(t) = io.journal.take(chan.id, now, crate::device::header_of) {
-                    if let Some(info) = io.chans.get_mut(chan.id as usize) {
-                        info.requests += 1;
-                        info.bytes += u64::from(t.header.length);
+                if info.health.takes_requests() {
+                    if let Some(t) = io.journal.take(chan.id, now, crate::device::header_of) {
+                        if let Some(info) = io.chan_mut(chan) {
+                            info.requests += 1;
+                            info.bytes += u64::from(t.header.length);
+                            info.health.sent(now);
+                        }
+                        break Next::Send(t);
                     }
-                    break t;
                 }
                 let _ = dev.work.wait_interruptible(&mut io);
             }
         };
-        let header = Request {
-            cookie: taken.cookie,
-            ..taken.header
-        }
-        .encode();
-        let ok = match taken.held {
-            None => chan.sock.send(&header, false).is_ok(),
-            Some(rq) => {
-                let ok = chan
-                    .sock
-                    .send(&header, true)
-                    .and_then(|()| chan.sock.send_data(&rq))
-                    .is_ok();
-                let out = dev.io.lock().journal.sent(taken.tag, rq, ok, sys::now_ns());
-                dev.finish(out);
-                ok
+        let ok = match next {
+            Next::Probe(req) => chan.sock.send(&req.encode(), false).is_ok(),
+            Next::Send(taken) => {
+                let header = Request {
+                    cookie: taken.cookie,
+                    ..taken.header
+                }
+                .encode();
+                match taken.held {
+                    None => chan.sock.send(&header, false).is_ok(),
+                    Some(rq) => {
+                        let ok = chan
+                            .sock
+                            .send(&header, true)
+                            .and_then(|()| chan.sock.send_data(&rq))
+                            .is_ok();
+                        let out = dev.io.lock().journal.sent(taken.tag, rq, ok, sys::now_ns());
+                        dev.finish(out);
+                        ok
+                    }
+                }
             }
         };
         if !ok {
@@ -129,16 +159,41 @@ pub(crate) fn receiver(dev: &Device, chan: &Channel) {
         let Ok(reply) = SimpleReply::decode(&hdr) else {
             break "bad reply magic";
         };
-        let m = dev
-            .io
-            .lock()
-            .journal
-            .reply(chan.id, reply.cookie, reply.error);
+        let now = sys::now_ns();
+        let (tag, gen) = split_cookie(reply.cookie);
+        if tag == PROBE_TAG {
+            let answered = {
+                let mut io = dev.io.lock();
+                io.chan_mut(chan)
+                    .and_then(|info| info.health.probe_reply(gen, now).then_some(info.probe_len))
+            };
+            let Some(len) = answered else {
+                break "unexpected keep-alive reply";
+            };
+            if reply.error == 0 && chan.sock.discard(len).is_err() {
+                break "connection closed";
+            }
+            continue;
+        }
+        let m = {
+            let mut io = dev.io.lock();
+            let sent_at = io.journal.sent_at(tag).unwrap_or(now);
+            let m = io.journal.reply(chan.id, reply.cookie, reply.error);
+            if !matches!(m, Reply::Corrupt) {
+                if let Some(info) = io.chan_mut(chan) {
+                    info.health.replied(now);
+                    if !matches!(m, Reply::Late { .. }) {
+                        info.replies += 1;
+                        info.latency_sum_ns += now.saturating_sub(sent_at);
+                    }
+                }
+            }
+            m
+        };
         match m {
             Reply::Complete(rq, err) => dev.complete(rq, err),
             Reply::Receive(rq, len) => {
                 let ok = chan.sock.recv_data(&rq, len).is_ok();
-                let (tag, _) = split_cookie(reply.cookie);
                 let out = dev.io.lock().journal.received(tag, rq, ok);
                 dev.finish(out);
                 if !ok {

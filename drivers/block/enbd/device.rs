@@ -14,8 +14,13 @@
 //!    Requests are never completed while it is held: completion can re-enter
 //!    the block layer.
 //!
-//! The condition variables `work` (senders wait for queued requests) and
-//! `idle` (disconnect waits for the journal to drain) are used with `io`.
+//! The condition variables `work` (senders wait for queued requests and
+//! probes), `idle` (disconnect waits for the journal to drain) and `events`
+//! (`IOC_WAIT` waits for the epoch to change) are used with `io`.
+//!
+//! The module's manager thread calls `tick` every 200 ms: it ages in-flight
+//! requests, probes quiet channels, drops channels that fail their probe and
+//! fails requests once no channel was seen for `dead_timeout`.
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -25,9 +30,10 @@ use kernel::sync::{Arc, ArcBorrow, CondVar, Mutex, SpinLock};
 use kernel::uaccess::UserSlice;
 
 use crate::channel::{self, ChanInfo, ChanState, Channel};
+use crate::health::Tick;
 use crate::journal::{self, Journal, Outcome, Slot};
 use crate::sys::{self, BlkStatus, DiskRef, Limits, Param, ReqOp, Rq, Socket, Thread};
-use crate::uapi::{self, Config, DevState, SockArg, Status};
+use crate::uapi::{self, Config, DevState, SockArg, Status, WaitArg};
 use crate::wire::{tx, Cmd, Request};
 
 pub(crate) type RqJournal = Journal<Rq, KVec<Slot<Rq>>>;
@@ -40,8 +46,46 @@ pub(crate) struct Io {
     pub(crate) journal: RqJournal,
     /// Per channel id; `ChanState::Unused` for free ids.
     pub(crate) chans: KVec<ChanInfo>,
+    /// The channels themselves, so the manager can shut a condemned one down.
+    links: KVec<Option<Arc<Channel>>>,
     /// Channels in state `Up`.
     pub(crate) live: u32,
+    /// Whether the configuration reached the disk (first channel).
+    applied: bool,
+    /// When the last channel went away.
+    waiting_since: u64,
+    /// Bumped on every channel or state change; `IOC_WAIT` waits for it.
+    pub(crate) epoch: u32,
+    next_serial: u64,
+}
+
+impl Io {
+    /// The info of `chan` if it is still the live channel of its id.
+    pub(crate) fn chan_mut(&mut self, chan: &Channel) -> Option<&mut ChanInfo> {
+        self.chans
+            .get_mut(chan.id as usize)
+            .filter(|c| c.state == ChanState::Up && c.serial == chan.serial)
+    }
+
+    /// Whether new requests are taken (possibly to wait for a channel).
+    fn accepts(&self) -> bool {
+        self.state == DevState::Connected || (self.state == DevState::Waiting && self.applied)
+    }
+
+    fn bump(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+    }
+}
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+
+fn param_ns(p: Param) -> u64 {
+    u64::from(sys::param(p)) * NSEC_PER_SEC
+}
+
+/// Iterates the set bits of a channel mask.
+fn bits(mask: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| mask & (1u64 << i) != 0)
 }
 
 /// A running channel, owned by the control path. Dropping it shuts the
@@ -74,8 +118,6 @@ impl Drop for ChanHandle {
 /// State under `Device::ctl`.
 struct Ctl {
     handles: KVec<Option<ChanHandle>>,
-    /// Whether the configuration was applied to the disk (first channel).
-    applied: bool,
 }
 
 /// Counters read by `/proc/nbdinfo`; relaxed, as they are statistics only.
@@ -116,6 +158,8 @@ pub(crate) struct Device {
     pub(crate) work: CondVar,
     #[pin]
     idle: CondVar,
+    #[pin]
+    events: CondVar,
     pub(crate) stats: Stats,
 }
 
@@ -145,25 +189,33 @@ impl Device {
             slots.push(Slot::default(), GFP_KERNEL)?;
         }
         let mut chans = KVec::with_capacity(max_channels as usize, GFP_KERNEL)?;
+        let mut links = KVec::with_capacity(max_channels as usize, GFP_KERNEL)?;
         let mut handles = KVec::with_capacity(max_channels as usize, GFP_KERNEL)?;
         for _ in 0..max_channels {
             chans.push(ChanInfo::default(), GFP_KERNEL)?;
+            links.push(None, GFP_KERNEL)?;
             handles.push(None, GFP_KERNEL)?;
         }
         Arc::pin_init(
             pin_init!(Self {
                 index,
-                ctl <- kernel::new_mutex!(Ctl { handles, applied: false }, "enbd:ctl"),
+                ctl <- kernel::new_mutex!(Ctl { handles }, "enbd:ctl"),
                 io <- kernel::new_spinlock!(Io {
                     state: DevState::Unconfigured,
                     config: Config::default(),
                     token_rejects: 0,
                     journal: Journal::new(slots),
                     chans,
+                    links,
                     live: 0,
+                    applied: false,
+                    waiting_since: 0,
+                    epoch: 0,
+                    next_serial: 0,
                 }, "enbd:io"),
                 work <- kernel::new_condvar!("enbd:work"),
                 idle <- kernel::new_condvar!("enbd:idle"),
+                events <- kernel::new_condvar!("enbd:events"),
                 stats: Stats::default(),
             }),
             GFP_KERNEL,
@@ -210,7 +262,7 @@ impl Device {
         let tag = rq.tag();
         let refused = {
             let mut io = self.io.lock();
-            if io.state != DevState::Connected {
+            if !io.accepts() {
                 Some(rq)
             } else {
                 io.journal.push(tag, rq, read_len).err().map(|(_, rq)| rq)
@@ -295,17 +347,15 @@ impl Device {
         }
     }
 
-    /// A channel broke (socket error, bad reply, unknown cookie): roll its
-    /// requests back for the other channels, or fail them if none is left.
+    /// A channel broke (socket error, bad reply, unknown cookie, failed
+    /// probe): roll its requests back to the queue, where the other channels,
+    /// or a replacement the helper hands in, pick them up.
     pub(crate) fn channel_failed(&self, chan: &Channel, why: &str) {
-        let none_left = {
+        {
             let mut io = self.io.lock();
-            let Some(info) = io.chans.get_mut(chan.id as usize) else {
+            let Some(info) = io.chan_mut(chan) else {
                 return;
             };
-            if info.state != ChanState::Up {
-                return;
-            }
             info.state = ChanState::Dead;
             info.errors += 1;
             io.live = io.live.saturating_sub(1);
@@ -315,20 +365,83 @@ impl Device {
             }
             if io.live == 0 && io.state == DevState::Connected {
                 io.state = DevState::Waiting;
+                io.waiting_since = sys::now_ns();
             }
-            io.live == 0
-        };
+            io.bump();
+        }
         if !why.is_empty() {
             pr_warn!("enbd{}: channel {} dropped: {}\n", self.index, chan.id, why);
         }
         chan.sock.shutdown();
-        if none_left {
-            // No channel to resubmit on (reconnection is the helper's job):
-            // fail what is pending now rather than leave it hanging.
-            self.fail_pending();
-        }
         self.work.notify_all();
         self.idle.notify_all();
+        self.events.notify_all();
+    }
+
+    /// Periodic work, from the module's manager thread.
+    pub(crate) fn tick(&self, now: u64) {
+        let timeout = param_ns(Param::RequestTimeout);
+        let keepalive = param_ns(Param::KeepaliveInterval);
+        let dead = param_ns(Param::DeadTimeout);
+        let (stuck, silent, wake, expired) = {
+            let mut io = self.io.lock();
+            if !matches!(io.state, DevState::Connected | DevState::Waiting) {
+                return;
+            }
+            let aged = io.journal.age(now, timeout);
+            for id in bits(aged.suspects) {
+                if let Some(info) = io.chans.get_mut(id) {
+                    if info.state == ChanState::Up {
+                        info.health.suspect();
+                        info.spoiled += 1;
+                    }
+                }
+            }
+            let mut wake = aged.rolled_back > 0 || aged.suspects != 0;
+            let mut silent = 0u64;
+            for (id, info) in io.chans.iter_mut().enumerate() {
+                if info.state != ChanState::Up {
+                    continue;
+                }
+                match info.health.tick(now, keepalive, timeout) {
+                    Tick::Idle => {}
+                    Tick::SendProbe => wake = true,
+                    Tick::Drop => silent |= 1u64 << id,
+                }
+            }
+            let expired = io.state == DevState::Waiting
+                && io.applied
+                && dead > 0
+                && now.saturating_sub(io.waiting_since) >= dead;
+            if expired {
+                io.state = DevState::Dead;
+                io.bump();
+            }
+            (aged.stuck, silent, wake, expired)
+        };
+        if wake {
+            self.work.notify_all();
+        }
+        for (mask, why) in [
+            (stuck, "request timed out in mid-transfer"),
+            (silent, "keep-alive unanswered"),
+        ] {
+            for id in bits(mask) {
+                let chan = self.io.lock().links.get(id).and_then(|l| l.clone());
+                if let Some(chan) = chan {
+                    self.channel_failed(&chan, why);
+                }
+            }
+        }
+        if expired {
+            pr_warn!(
+                "enbd{}: no channel for {} s (dead_timeout): failing I/O\n",
+                self.index,
+                dead / NSEC_PER_SEC
+            );
+            self.fail_pending();
+            self.events.notify_all();
+        }
     }
 
     /// Marks every channel dead, wakes their threads and joins them. With
@@ -344,6 +457,11 @@ impl Device {
             io.live = 0;
         }
         self.work.notify_all();
+        for id in 0..ctl.handles.len() {
+            // Dropped outside the spinlock: it may be the last reference.
+            let link = self.io.lock().links.get_mut(id).and_then(|l| l.take());
+            drop(link);
+        }
         for slot in ctl.handles.iter_mut() {
             match slot.take() {
                 Some(h) if disc => h.close_with_disc(),
@@ -354,37 +472,55 @@ impl Device {
         for info in io.chans.iter_mut() {
             *info = ChanInfo::default();
         }
+        io.bump();
+    }
+
+    /// Undoes a channel whose threads could not all be started.
+    fn abandon(&self, chan: &Channel) {
+        self.channel_failed(chan, "");
+        let link = {
+            let mut io = self.io.lock();
+            if let Some(info) = io.chans.get_mut(chan.id as usize) {
+                *info = ChanInfo::default();
+            }
+            io.links.get_mut(chan.id as usize).and_then(|l| l.take())
+        };
+        drop(link);
     }
 
     /// Joins channels that died on their own, freeing their ids.
     fn reap(&self, ctl: &mut Ctl) {
         for (id, slot) in ctl.handles.iter_mut().enumerate() {
-            let dead = {
+            let link = {
                 let mut io = self.io.lock();
                 match io.chans.get_mut(id) {
                     Some(info) if slot.is_some() && info.state == ChanState::Dead => {
                         *info = ChanInfo::default();
-                        true
+                        io.links.get_mut(id).map(|l| l.take())
                     }
-                    _ => false,
+                    _ => None,
                 }
             };
-            if dead {
+            if let Some(link) = link {
+                drop(link);
                 drop(slot.take());
             }
         }
     }
 
     /// Returns the device to the unconfigured state.
-    fn reset(&self, ctl: &mut Ctl, disk: Option<DiskRef<'_>>) {
+    fn reset(&self, _ctl: &mut Ctl, disk: Option<DiskRef<'_>>) {
         self.fail_pending();
         if let Some(disk) = disk {
             disk.invalidate();
         }
-        ctl.applied = false;
         let mut io = self.io.lock();
         io.state = DevState::Unconfigured;
         io.config = Config::default();
+        io.applied = false;
+        io.bump();
+        drop(io);
+        self.events.notify_all();
     }
 
     /// Fails everything pending and releases the channels; used before the
@@ -411,6 +547,7 @@ impl Device {
         let dev: &Self = &this;
         match cmd {
             uapi::IOC_STATUS => dev.ioctl_status(arg),
+            uapi::IOC_WAIT => dev.ioctl_wait(arg),
             uapi::IOC_CONFIGURE => dev.ioctl_configure(arg),
             uapi::IOC_ADD_SOCK => dev.ioctl_add_sock(this.into(), disk, arg),
             uapi::IOC_DISCONNECT => dev.ioctl_disconnect(disk),
@@ -419,21 +556,43 @@ impl Device {
         }
     }
 
+    fn status(io: &Io) -> Status {
+        Status {
+            state: io.state as u32,
+            channels: io.live,
+            inflight: io.journal.len(),
+            epoch: io.epoch,
+            size: io.config.size,
+            token_rejects: io.token_rejects,
+        }
+    }
+
     fn ioctl_status(&self, arg: usize) -> Result {
-        let st = {
-            let io = self.io.lock();
-            Status {
-                state: io.state as u32,
-                channels: io.live,
-                inflight: io.journal.len(),
-                reserved: 0,
-                size: io.config.size,
-                token_rejects: io.token_rejects,
-            }
-        };
+        let st = Self::status(&self.io.lock());
         UserSlice::new(arg, Status::SIZE)
             .writer()
             .write_slice(&st.to_bytes())
+    }
+
+    /// Sleeps until the epoch moves past the caller's or the timeout ends.
+    fn ioctl_wait(&self, arg: usize) -> Result {
+        let (mut reader, mut writer) = UserSlice::new(arg, WaitArg::SIZE).reader_writer();
+        let mut raw = [0u8; WaitArg::SIZE];
+        reader.read_slice(&mut raw)?;
+        let mut w = WaitArg::from_bytes(&raw);
+        let mut left = kernel::time::msecs_to_jiffies(w.timeout_ms);
+        let mut io = self.io.lock();
+        while io.epoch == w.epoch && left > 0 {
+            use kernel::sync::CondVarTimeoutResult as R;
+            match self.events.wait_interruptible_timeout(&mut io, left) {
+                R::Timeout => break,
+                R::Woken { jiffies } => left = jiffies,
+                R::Signal { .. } => return Err(code::EINTR),
+            }
+        }
+        w.status = Self::status(&io);
+        drop(io);
+        writer.write_slice(&w.to_bytes())
     }
 
     fn ioctl_configure(&self, arg: usize) -> Result {
@@ -492,7 +651,7 @@ impl Device {
         }
         let mut ctl = self.ctl.lock();
         self.reap(&mut ctl);
-        let cfg = {
+        let (cfg, applied) = {
             let mut io = self.io.lock();
             if matches!(io.state, DevState::Unconfigured | DevState::Closing) {
                 return Err(sys::enotconn());
@@ -505,7 +664,7 @@ impl Device {
                 );
                 return Err(code::EACCES);
             }
-            io.config
+            (io.config, io.applied)
         };
         let sock = Socket::from_fd(sa.fd)?;
         let id = ctl
@@ -513,19 +672,39 @@ impl Device {
             .iter()
             .position(|h| h.is_none())
             .ok_or(code::ENOSPC)?;
-        if !ctl.applied {
+        if !applied {
             self.apply(disk, &cfg)?;
-            ctl.applied = true;
+            self.io.lock().applied = true;
         }
-        let chan = Arc::new(Channel::new(id as u8, sock), GFP_KERNEL)?;
+        let serial = {
+            let mut io = self.io.lock();
+            io.next_serial += 1;
+            io.next_serial
+        };
+        let chan = Arc::new(
+            Channel {
+                id: id as u8,
+                serial,
+                sock,
+            },
+            GFP_KERNEL,
+        )?;
         {
+            let probe_len = cfg.size.min(512) as u32;
             let mut io = self.io.lock();
             if let Some(info) = io.chans.get_mut(id) {
-                *info = ChanInfo::up();
+                *info = ChanInfo::up(serial, sys::now_ns(), probe_len);
+            }
+            if let Some(link) = io.links.get_mut(id) {
+                *link = Some(chan.clone());
             }
             io.live += 1;
             io.state = DevState::Connected;
+            io.bump();
         }
+        self.events.notify_all();
+        // Requests that waited for a channel can go now.
+        self.work.notify_all();
         let rx = {
             let (dev, chan) = (dev.clone(), chan.clone());
             Thread::spawn(format_args!("enbd{}.{}rx", self.index, id), move || {
@@ -535,7 +714,7 @@ impl Device {
         let rx = match rx {
             Ok(t) => t,
             Err(e) => {
-                self.channel_failed(&chan, "");
+                self.abandon(&chan);
                 return Err(e);
             }
         };
@@ -548,7 +727,7 @@ impl Device {
         let tx = match tx {
             Ok(t) => t,
             Err(e) => {
-                self.channel_failed(&chan, "");
+                self.abandon(&chan);
                 drop(rx);
                 return Err(e);
             }

@@ -12,13 +12,16 @@
 
 use kernel::c_str;
 use kernel::prelude::*;
-use kernel::sync::Arc;
+use kernel::sync::{Arc, CondVar, Mutex};
 
 mod channel;
 mod device;
 mod procfs;
 mod sys;
 
+#[path = "../../../userspace/enbd-core/src/health.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod health;
 #[path = "../../../userspace/enbd-core/src/journal.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod journal;
@@ -31,7 +34,7 @@ mod wire;
 
 use device::Device;
 use procfs::Devices;
-use sys::{Disk, Param, ProcEntry};
+use sys::{Disk, Param, ProcEntry, Thread};
 
 /// Version shown in `/proc/nbdinfo`.
 pub(crate) const VERSION: &str = "0.1.0";
@@ -45,9 +48,70 @@ module! {
 }
 
 struct Enbd {
-    // Dropped in declaration order: /proc first, then the disks.
+    // Dropped in declaration order: the manager first (it ticks the
+    // devices), then /proc, then the disks.
+    _manager: Manager,
     _proc: ProcEntry<Devices>,
     _disks: KVec<Disk>,
+}
+
+/// Lets the manager thread sleep between ticks and be stopped at once.
+#[pin_data]
+struct Ticker {
+    #[pin]
+    stop: Mutex<bool>,
+    #[pin]
+    cv: CondVar,
+}
+
+/// The module's one periodic thread: every 200 ms it runs `Device::tick`
+/// (aging, keep-alives, dead timeout) on every device.
+struct Manager {
+    ticker: Arc<Ticker>,
+    // Joined in `drop`, after the stop flag is set.
+    thread: Option<Thread>,
+}
+
+impl Manager {
+    fn start(devices: Arc<Devices>) -> Result<Self> {
+        let ticker = Arc::pin_init(
+            pin_init!(Ticker {
+                stop <- kernel::new_mutex!(false, "enbd:ticker"),
+                cv <- kernel::new_condvar!("enbd:ticker"),
+            }),
+            GFP_KERNEL,
+        )?;
+        let t = ticker.clone();
+        let thread = Thread::spawn(format_args!("enbd-manager"), move || loop {
+            {
+                let mut stop = t.stop.lock();
+                if !*stop {
+                    let _ = t
+                        .cv
+                        .wait_interruptible_timeout(&mut stop, kernel::time::msecs_to_jiffies(200));
+                }
+                if *stop {
+                    return;
+                }
+            }
+            let now = sys::now_ns();
+            for dev in devices.0.iter() {
+                dev.tick(now);
+            }
+        })?;
+        Ok(Self {
+            ticker,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        *self.ticker.stop.lock() = true;
+        self.ticker.cv.notify_all();
+        drop(self.thread.take());
+    }
 }
 
 /// Compares tokens in time independent of where they differ.
@@ -70,7 +134,9 @@ impl kernel::Module for Enbd {
             devs.push(dev.clone(), GFP_KERNEL)?;
             disks.push(Disk::new(i, dev, depth)?, GFP_KERNEL)?;
         }
-        let proc = ProcEntry::new(c_str!("nbdinfo"), Arc::new(Devices(devs), GFP_KERNEL)?)?;
+        let devices = Arc::new(Devices(devs), GFP_KERNEL)?;
+        let manager = Manager::start(devices.clone())?;
+        let proc = ProcEntry::new(c_str!("nbdinfo"), devices)?;
         pr_info!(
             "enbd {}: {} devices, queue depth {}\n",
             VERSION,
@@ -78,6 +144,7 @@ impl kernel::Module for Enbd {
             depth
         );
         Ok(Self {
+            _manager: manager,
             _proc: proc,
             _disks: disks,
         })

@@ -121,14 +121,17 @@ impl ProcShow for Devices {
                 }
                 writeln!(
                     out,
-                    "enbd{} channel id={} state={} requests={} bytes={} errors={} resubmits={}",
+                    "enbd{} channel id={} state={} requests={} bytes={} errors={} resubmits={} spoiled={} probes={} latency_us={}",
                     i,
                     id,
-                    c.state.name(),
+                    c.state_name(),
                     c.requests,
                     c.bytes,
                     c.errors,
                     c.resubmits,
+                    c.spoiled,
+                    c.health.probes(),
+                    c.avg_latency_us(),
                 )?;
             }
         }

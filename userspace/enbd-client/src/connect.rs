@@ -1,20 +1,19 @@
 //! `enbd-client connect`: negotiate, configure the device, hand in sockets,
-//! then stay resident until the device is disconnected.
+//! then leave a guardian and helper resident (see `daemon.rs`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use enbd_core::uapi::{self, Config, DevState, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use enbd_core::wire::tx;
-use tracing::{info, warn};
+use tracing::warn;
 
+use crate::daemon::{self, State};
 use crate::ioctl::EnbdDev;
 use crate::negotiate::{self, ExportInfo};
 
@@ -199,6 +198,7 @@ pub struct ConnectOpts {
     pub export: String,
     pub channels: u32,
     pub timeout: Duration,
+    pub retry_max: Duration,
     pub foreground: bool,
     pub log: Option<PathBuf>,
 }
@@ -239,6 +239,21 @@ pub fn run(o: ConnectOpts) -> Result<()> {
     }
     let server = o.targets[0].to_string();
     let cfg = dev.configure(&device_config(&info, &server, &o.export)?)?;
+    let state = State {
+        device: o.device.clone(),
+        targets: o.targets.clone(),
+        export: o.export.clone(),
+        channels: o.channels,
+        timeout: o.timeout,
+        retry_max: o.retry_max,
+        size: info.size,
+        flags: info.flags,
+        token: cfg.token,
+    };
+    if let Err(e) = state.save() {
+        let _ = dev.eject();
+        return Err(e);
+    }
     for s in &streams {
         if let Err(e) = dev.add_sock(s.as_raw_fd(), &cfg.token) {
             let _ = dev.eject();
@@ -246,6 +261,7 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         }
     }
     drop(streams);
+    drop(dev);
     println!(
         "{}: connected to {} export '{}', {} bytes, {} channel(s)",
         o.device.display(),
@@ -255,90 +271,31 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         o.channels
     );
     if !o.foreground {
-        daemonize(o.log.as_deref())?;
+        daemon::daemonize(o.log.as_deref())?;
     }
-    monitor(&dev)
+    daemon::guardian(&o.device)
 }
 
-/// Forks into the background; the parent exits once the child runs.
-fn daemonize(log: Option<&Path>) -> Result<()> {
-    use std::io::Write as _;
-    std::io::stdout().flush()?;
-    let out = match log {
-        Some(p) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .with_context(|| format!("cannot open log {}", p.display()))?,
-        None => std::fs::OpenOptions::new().write(true).open("/dev/null")?,
-    };
-    // SAFETY: the process is single-threaded here, so fork() is safe.
-    match unsafe { libc::fork() } {
-        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
-        0 => {}
-        _ => std::process::exit(0),
+/// `attach`: puts a guardian and helper back on a device that is still
+/// connected (for example after the guardian itself was killed).
+pub fn attach(device: &Path, foreground: bool, log: Option<&Path>) -> Result<()> {
+    let state = State::load(device)?;
+    let st = EnbdDev::open(device)?.status()?;
+    if DevState::from_u32(st.state) == Some(DevState::Unconfigured) {
+        bail!("{}: not connected", device.display());
     }
-    // SAFETY: plain syscalls on descriptors this process owns.
-    unsafe {
-        libc::setsid();
-        libc::dup2(out.as_raw_fd(), 1);
-        libc::dup2(out.as_raw_fd(), 2);
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::close(null);
-        }
-    }
-    Ok(())
-}
-
-/// Stays resident: SIGTERM/SIGINT disconnect cleanly, SIGUSR2 ejects; exits
-/// when someone else disconnects the device.
-fn monitor(dev: &EnbdDev) -> Result<()> {
-    let term = Arc::new(AtomicBool::new(false));
-    let eject = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, term.clone())?;
-    }
-    signal_hook::flag::register(signal_hook::consts::SIGUSR2, eject.clone())?;
-    info!(
-        "{}: monitoring (pid {})",
-        dev.path().display(),
-        std::process::id()
+    println!(
+        "{}: attaching to export '{}' ({} of {} channel(s) up)",
+        device.display(),
+        state.export,
+        st.channels,
+        state.channels
     );
-    let mut ticks = 0u32;
-    let mut warned = false;
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        if eject.load(Ordering::Relaxed) {
-            info!("SIGUSR2: ejecting {}", dev.path().display());
-            dev.eject()?;
-            return Ok(());
-        }
-        if term.load(Ordering::Relaxed) {
-            info!("disconnecting {}", dev.path().display());
-            dev.disconnect()?;
-            return Ok(());
-        }
-        ticks += 1;
-        if !ticks.is_multiple_of(10) {
-            continue;
-        }
-        let st = dev.status()?;
-        match DevState::from_u32(st.state) {
-            Some(DevState::Unconfigured) => {
-                info!("{} was disconnected; exiting", dev.path().display());
-                return Ok(());
-            }
-            Some(DevState::Waiting) if !warned => {
-                warn!("{}: all channels lost", dev.path().display());
-                warned = true;
-            }
-            _ => {}
-        }
+    if !foreground {
+        daemon::daemonize(log)?;
     }
+    daemon::guardian(device)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use enbd_core::uapi::{self, Config, SockArg, Status};
+use enbd_core::uapi::{self, Config, SockArg, Status, WaitArg};
 
 /// An ioctl that the kernel refused, with a message for users.
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +55,6 @@ impl EnbdDev {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn ioctl(
         &self,
         what: &'static str,
@@ -95,6 +91,18 @@ impl EnbdDev {
         let mut buf = [0u8; Status::SIZE];
         self.ioctl("status", uapi::IOC_STATUS, Some(&mut buf))?;
         Ok(Status::from_bytes(&buf))
+    }
+
+    /// Waits up to `timeout_ms` for the device's epoch to move past `epoch`.
+    pub fn wait(&self, epoch: u32, timeout_ms: u32) -> Result<Status, IoctlError> {
+        let mut buf = WaitArg {
+            epoch,
+            timeout_ms,
+            status: Status::default(),
+        }
+        .to_bytes();
+        self.ioctl("wait", uapi::IOC_WAIT, Some(&mut buf))?;
+        Ok(WaitArg::from_bytes(&buf).status)
     }
 
     /// Configures an idle device; returns the config with the kernel's token.

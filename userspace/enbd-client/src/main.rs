@@ -4,6 +4,7 @@
 //! hands it connected sockets and reports the device's state.
 
 mod connect;
+mod daemon;
 mod ioctl;
 mod negotiate;
 mod procinfo;
@@ -37,8 +38,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Connect a device to an export and stay resident until it is
-    /// disconnected (SIGTERM disconnects cleanly, SIGUSR2 ejects).
+    /// Connect a device to an export, then stay resident: a helper keeps the
+    /// channels up (reconnecting with backoff) and a guardian restarts the
+    /// helper if it dies. SIGTERM disconnects cleanly, SIGUSR2 ejects.
     Connect {
         /// The device, for example /dev/enbd0.
         device: PathBuf,
@@ -55,6 +57,22 @@ enum Cmd {
         /// Seconds allowed for connecting and negotiating each channel.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Longest wait between reconnection attempts, in seconds (the wait
+        /// starts at 0.1 s and doubles).
+        #[arg(long, default_value_t = 5.0)]
+        retry_max: f64,
+        /// Stay in the foreground instead of forking into the background.
+        #[arg(short, long)]
+        foreground: bool,
+        /// Append the daemon's log to this file (default: discard it).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// Put a guardian and helper back on a device that is still connected,
+    /// using the token in /run/enbd/<device>.state.
+    Attach {
+        /// The device, for example /dev/enbd0.
+        device: PathBuf,
         /// Stay in the foreground instead of forking into the background.
         #[arg(short, long)]
         foreground: bool,
@@ -92,19 +110,21 @@ enum Cmd {
     },
 }
 
-fn status(device: Option<String>, raw: bool) -> Result<()> {
-    let text = std::fs::read_to_string(PROC_PATH)
-        .with_context(|| format!("cannot read {PROC_PATH}: is enbd.ko loaded?"))?;
-    if raw {
-        print!("{text}");
-        return Ok(());
-    }
-    let info = ProcInfo::parse(&text);
-    let want = device.map(|d| d.trim_start_matches("/dev/").to_owned());
-    println!("enbd {} ({} devices)", info.version, info.devices().len());
+/// Renders `enbd-client status` from the text of `/proc/nbdinfo`.
+fn render_status(text: &str, device: Option<&str>) -> Result<String> {
+    use std::fmt::Write as _;
+    let info = ProcInfo::parse(text);
+    let want = device.map(|d| d.trim_start_matches("/dev/"));
+    let mut out = String::new();
+    writeln!(
+        out,
+        "enbd {} ({} devices)",
+        info.version,
+        info.devices().len()
+    )?;
     let mut shown = 0;
     for dev in info.devices() {
-        if want.as_deref().is_some_and(|w| w != dev) {
+        if want.is_some_and(|w| w != dev) {
             continue;
         }
         shown += 1;
@@ -112,19 +132,21 @@ fn status(device: Option<String>, raw: bool) -> Result<()> {
             match l.tag.as_deref() {
                 None => {
                     let g = |k| l.get(k).unwrap_or("-");
-                    println!(
-                        "/dev/{dev}: {} size {} block {} server {} export {} flags {}",
+                    writeln!(
+                        out,
+                        "/dev/{dev}: {} size {} block {} server {} export {} flags {} channels {}",
                         g("state"),
                         g("size"),
                         g("blksize"),
                         g("server"),
                         g("export"),
-                        g("flags")
-                    );
+                        g("flags"),
+                        g("channels"),
+                    )?;
                 }
                 Some(tag) => {
                     let f: Vec<String> = l.fields.iter().map(|(k, v)| format!("{k} {v}")).collect();
-                    println!("    {tag}: {}", f.join(", "));
+                    writeln!(out, "    {tag}: {}", f.join(", "))?;
                 }
             }
         }
@@ -134,7 +156,25 @@ fn status(device: Option<String>, raw: bool) -> Result<()> {
             anyhow::bail!("no device {w} in {PROC_PATH}");
         }
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Prints to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(s: &str) -> Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(s.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+fn status(device: Option<String>, raw: bool) -> Result<()> {
+    let text = std::fs::read_to_string(PROC_PATH)
+        .with_context(|| format!("cannot read {PROC_PATH}: is enbd.ko loaded?"))?;
+    if raw {
+        return print_out(&text);
+    }
+    print_out(&render_status(&text, device.as_deref())?)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -145,17 +185,29 @@ fn run(cli: Cli) -> Result<()> {
             export,
             channels,
             timeout,
+            retry_max,
             foreground,
             log,
-        } => connect::run(ConnectOpts {
+        } => {
+            if !(0.1..=3600.0).contains(&retry_max) {
+                anyhow::bail!("--retry-max must be between 0.1 and 3600 seconds");
+            }
+            connect::run(ConnectOpts {
+                device,
+                targets: servers,
+                export,
+                channels,
+                timeout: Duration::from_secs(timeout),
+                retry_max: Duration::from_secs_f64(retry_max),
+                foreground,
+                log,
+            })
+        }
+        Cmd::Attach {
             device,
-            targets: servers,
-            export,
-            channels,
-            timeout: Duration::from_secs(timeout),
             foreground,
             log,
-        }),
+        } => connect::attach(&device, foreground, log.as_deref()),
         Cmd::List { server, timeout } => {
             let mut s = connect::Stream::connect(&server, Duration::from_secs(timeout))?;
             negotiate::greet(&mut s)?;
@@ -185,7 +237,10 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A daemon logging to a file must not write terminal colour codes there.
-    let to_file = matches!(cli.cmd, Cmd::Connect { log: Some(_), .. });
+    let to_file = matches!(
+        cli.cmd,
+        Cmd::Connect { log: Some(_), .. } | Cmd::Attach { log: Some(_), .. }
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ENBD_LOG")

@@ -259,6 +259,11 @@ impl<T, S: DerefMut<Target = [Slot<T>]>> Journal<T, S> {
         self.late
     }
 
+    /// When the request with `tag` was last handed to a channel.
+    pub fn sent_at(&self, tag: u32) -> Option<u64> {
+        self.slot(tag).map(|s| s.sent_at)
+    }
+
     /// State of a slot (for reports and tests).
     pub fn state(&self, tag: u32) -> Option<State> {
         self.slot(tag).map(|s| s.state)

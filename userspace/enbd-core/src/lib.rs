@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod health;
 pub mod journal;
 pub mod uapi;
 pub mod wire;

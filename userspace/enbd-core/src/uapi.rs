@@ -37,6 +37,10 @@ pub const IOC_DISCONNECT: u32 = ioc(IOC_NONE, 3, 0);
 pub const IOC_EJECT: u32 = ioc(IOC_NONE, 4, 0);
 /// Read the device's state. Out: [`Status`].
 pub const IOC_STATUS: u32 = ioc(IOC_READ, 5, Status::SIZE);
+/// Wait until the device's epoch differs from the one given (a channel came
+/// up or went down, or the state changed) or `timeout_ms` passed.
+/// In/out: [`WaitArg`]; on return its `status` is current.
+pub const IOC_WAIT: u32 = ioc(IOC_READ | IOC_WRITE, 6, WaitArg::SIZE);
 
 /// Length of the device token in bytes (128 bits).
 pub const TOKEN_LEN: usize = 16;
@@ -60,6 +64,9 @@ pub enum DevState {
     Connected = 2,
     /// Disconnect or eject in progress.
     Closing = 3,
+    /// No channel for longer than `dead_timeout`: requests fail with EIO at
+    /// once until a channel is added again.
+    Dead = 4,
 }
 
 impl DevState {
@@ -70,6 +77,7 @@ impl DevState {
             1 => DevState::Waiting,
             2 => DevState::Connected,
             3 => DevState::Closing,
+            4 => DevState::Dead,
             _ => return None,
         })
     }
@@ -81,6 +89,7 @@ impl DevState {
             DevState::Waiting => "waiting",
             DevState::Connected => "connected",
             DevState::Closing => "closing",
+            DevState::Dead => "dead",
         }
     }
 }
@@ -312,8 +321,9 @@ pub struct Status {
     pub channels: u32,
     /// Requests in the journal (queued or sent).
     pub inflight: u32,
-    /// Reserved, 0.
-    pub reserved: u32,
+    /// Changes whenever a channel comes up or goes down or the state
+    /// changes; what `IOC_WAIT` waits on.
+    pub epoch: u32,
     /// Configured size in bytes.
     pub size: u64,
     /// Socket handoffs refused for a wrong token.
@@ -334,7 +344,7 @@ impl Status {
         o.put(&self.state.to_ne_bytes());
         o.put(&self.channels.to_ne_bytes());
         o.put(&self.inflight.to_ne_bytes());
-        o.put(&self.reserved.to_ne_bytes());
+        o.put(&self.epoch.to_ne_bytes());
         o.put(&self.size.to_ne_bytes());
         o.put(&self.token_rejects.to_ne_bytes());
         buf
@@ -347,9 +357,51 @@ impl Status {
             state: c.u32(),
             channels: c.u32(),
             inflight: c.u32(),
-            reserved: c.u32(),
+            epoch: c.u32(),
             size: c.u64(),
             token_rejects: c.u64(),
+        }
+    }
+}
+
+/// Argument of [`IOC_WAIT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WaitArg {
+    /// In: the epoch the caller last saw.
+    pub epoch: u32,
+    /// In: longest wait in milliseconds.
+    pub timeout_ms: u32,
+    /// Out: the device's status when the call returns.
+    pub status: Status,
+}
+
+impl WaitArg {
+    /// Size of the encoded argument.
+    pub const SIZE: usize = 8 + Status::SIZE;
+
+    /// Encodes the argument.
+    pub fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut buf = [0u8; Self::SIZE];
+        let mut o = Out {
+            buf: &mut buf,
+            pos: 0,
+        };
+        o.put(&self.epoch.to_ne_bytes());
+        o.put(&self.timeout_ms.to_ne_bytes());
+        o.put(&self.status.to_bytes());
+        buf
+    }
+
+    /// Decodes the argument.
+    pub fn from_bytes(buf: &[u8; Self::SIZE]) -> Self {
+        let mut c = Cursor { buf, pos: 0 };
+        let epoch = c.u32();
+        let timeout_ms = c.u32();
+        let status: [u8; Status::SIZE] = c.take();
+        Self {
+            epoch,
+            timeout_ms,
+            status: Status::from_bytes(&status),
         }
     }
 }
@@ -367,6 +419,7 @@ mod tests {
         assert_eq!(IOC_DISCONNECT, 0x0000_EB03);
         assert_eq!(IOC_EJECT, 0x0000_EB04);
         assert_eq!(IOC_STATUS, 0x8020_EB05);
+        assert_eq!(IOC_WAIT, 0xC028_EB06);
     }
 
     #[test]
@@ -412,12 +465,18 @@ mod tests {
             state: DevState::Connected as u32,
             channels: 4,
             inflight: 17,
-            reserved: 0,
+            epoch: 9,
             size: 5 << 30,
             token_rejects: 2,
         };
         assert_eq!(Status::from_bytes(&st.to_bytes()), st);
         assert_eq!(DevState::from_u32(st.state), Some(DevState::Connected));
         assert_eq!(DevState::from_u32(9), None);
+        let w = WaitArg {
+            epoch: 3,
+            timeout_ms: 1000,
+            status: st,
+        };
+        assert_eq!(WaitArg::from_bytes(&w.to_bytes()), w);
     }
 }

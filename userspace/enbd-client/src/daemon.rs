@@ -1,0 +1,466 @@
+//! The resident part of enbd-client: the guardian and the helper it keeps
+//! alive.
+//!
+//! The **helper** watches its device (`IOC_WAIT`), reconnects channels that
+//! died with exponential backoff, renegotiates and hands the new sockets in
+//! with the device's token; SIGTERM disconnects cleanly, SIGUSR2 ejects.
+//! The **guardian** is its parent: when the helper dies for any other
+//! reason (even `kill -9`), it starts a new one, which re-attaches to the
+//! device using the token kept in a root-only runtime file. The kernel keeps
+//! the sockets, so I/O does not notice either death.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use enbd_core::uapi::{DevState, TOKEN_LEN};
+use tracing::{error, info, warn};
+
+use crate::connect::{open_channel, Target};
+use crate::ioctl::{EnbdDev, IoctlError};
+
+/// Where runtime files live; `ENBD_RUN_DIR` overrides it.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("ENBD_RUN_DIR").map_or_else(|| PathBuf::from("/run/enbd"), PathBuf::from)
+}
+
+/// What a helper needs to re-attach to a device: kept in
+/// `/run/enbd/<dev>.state`, mode 0600, because the token is a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    pub device: PathBuf,
+    pub targets: Vec<Target>,
+    pub export: String,
+    pub channels: u32,
+    pub timeout: Duration,
+    pub retry_max: Duration,
+    pub size: u64,
+    pub flags: u16,
+    pub token: [u8; TOKEN_LEN],
+}
+
+fn dev_name(device: &Path) -> String {
+    device
+        .file_name()
+        .map_or_else(|| "enbd".into(), |n| n.to_string_lossy().into_owned())
+}
+
+pub fn state_path(device: &Path) -> PathBuf {
+    run_dir().join(format!("{}.state", dev_name(device)))
+}
+
+pub fn pid_path(device: &Path, guardian: bool) -> PathBuf {
+    let suffix = if guardian { ".guardian.pid" } else { ".pid" };
+    run_dir().join(format!("{}{suffix}", dev_name(device)))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; TOKEN_LEN]> {
+    let mut out = [0u8; TOKEN_LEN];
+    if s.len() != TOKEN_LEN * 2 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl State {
+    fn render(&self) -> String {
+        let targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
+        format!(
+            "device={}\ntargets={}\nexport={}\nchannels={}\ntimeout_ms={}\nretry_max_ms={}\nsize={}\nflags={}\ntoken={}\n",
+            self.device.display(),
+            targets.join(" "),
+            self.export,
+            self.channels,
+            self.timeout.as_millis(),
+            self.retry_max.as_millis(),
+            self.size,
+            self.flags,
+            hex(&self.token)
+        )
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+                .ok_or_else(|| anyhow!("state file lacks {k}"))
+        };
+        let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("bad {k}")) };
+        let targets = get("targets")?
+            .split_whitespace()
+            .map(|t| t.parse::<Target>().map_err(|e| anyhow!(e)))
+            .collect::<Result<Vec<_>>>()?;
+        if targets.is_empty() {
+            bail!("state file lists no server");
+        }
+        Ok(Self {
+            device: get("device")?.into(),
+            targets,
+            export: get("export")?.to_owned(),
+            channels: u32::try_from(num("channels")?)?,
+            timeout: Duration::from_millis(num("timeout_ms")?),
+            retry_max: Duration::from_millis(num("retry_max_ms")?),
+            size: num("size")?,
+            flags: u16::try_from(num("flags")?)?,
+            token: unhex(get("token")?).context("bad token")?,
+        })
+    }
+
+    /// Writes the state file, readable by root only.
+    pub fn save(&self) -> Result<()> {
+        let dir = run_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        let path = state_path(&self.device);
+        let tmp = path.with_extension("tmp");
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(self.render().as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn load(device: &Path) -> Result<Self> {
+        let path = state_path(device);
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (was the device connected by enbd-client?)",
+                path.display()
+            )
+        })?;
+        Self::parse(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    fn remove(device: &Path) {
+        let _ = fs::remove_file(state_path(device));
+    }
+}
+
+fn write_pid(device: &Path, guardian: bool) {
+    let _ = fs::create_dir_all(run_dir());
+    let _ = fs::write(
+        pid_path(device, guardian),
+        format!("{}\n", std::process::id()),
+    );
+}
+
+/// Signals a resident process reacts to.
+struct Signals {
+    term: Arc<AtomicBool>,
+    eject: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let s = Self {
+            term: Arc::new(AtomicBool::new(false)),
+            eject: Arc::new(AtomicBool::new(false)),
+        };
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, s.term.clone())?;
+        }
+        signal_hook::flag::register(signal_hook::consts::SIGUSR2, s.eject.clone())?;
+        Ok(s)
+    }
+}
+
+/// Exponential backoff between reconnection attempts.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+    at: Option<Instant>,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(100);
+
+    pub fn new(max: Duration) -> Self {
+        Self {
+            next: Self::START,
+            max: max.max(Self::START),
+            at: None,
+        }
+    }
+
+    /// Whether an attempt may be made now.
+    pub fn ready(&self, now: Instant) -> bool {
+        self.at.is_none_or(|t| now >= t)
+    }
+
+    /// An attempt failed: wait longer before the next one.
+    pub fn failed(&mut self, now: Instant) -> Duration {
+        let d = self.next;
+        self.at = Some(now + d);
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// An attempt worked: start over.
+    pub fn reset(&mut self) {
+        self.next = Self::START;
+        self.at = None;
+    }
+}
+
+/// The helper's loop. Returns when the device is disconnected or ejected.
+pub fn helper(state: &State) -> Result<()> {
+    let sig = Signals::install()?;
+    write_pid(&state.device, false);
+    let dev = EnbdDev::open(&state.device)?;
+    info!(
+        "{}: helper running (pid {}), keeping {} channel(s)",
+        state.device.display(),
+        std::process::id(),
+        state.channels
+    );
+    let mut backoff = Backoff::new(state.retry_max);
+    let mut epoch = dev.status()?.epoch;
+    let mut next_target = 0usize;
+    let mut lost_at: Option<Instant> = None;
+    loop {
+        if sig.eject.load(Ordering::Relaxed) {
+            info!("SIGUSR2: ejecting {}", state.device.display());
+            dev.eject()?;
+            break;
+        }
+        if sig.term.load(Ordering::Relaxed) {
+            info!("disconnecting {}", state.device.display());
+            dev.disconnect()?;
+            break;
+        }
+        let st = match dev.wait(epoch, 200) {
+            Ok(st) => st,
+            Err(IoctlError::Other { source, .. }) if source.raw_os_error() == Some(libc::EINTR) => {
+                continue
+            }
+            Err(e) => return Err(e.into()),
+        };
+        epoch = st.epoch;
+        match DevState::from_u32(st.state) {
+            Some(DevState::Unconfigured) => {
+                info!("{} was disconnected; exiting", state.device.display());
+                break;
+            }
+            Some(DevState::Closing) => continue,
+            _ => {}
+        }
+        if st.channels >= state.channels {
+            if let Some(t) = lost_at.take() {
+                info!(
+                    "{}: all {} channel(s) up again after {:.1} s",
+                    state.device.display(),
+                    state.channels,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            backoff.reset();
+            continue;
+        }
+        lost_at.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        if !backoff.ready(now) {
+            continue;
+        }
+        let t = &state.targets[next_target % state.targets.len()];
+        next_target += 1;
+        match reconnect(&dev, state, t) {
+            Ok(()) => info!(
+                "{}: channel to {t} reconnected ({} of {} up)",
+                state.device.display(),
+                st.channels + 1,
+                state.channels
+            ),
+            Err(e) => {
+                if let Some(IoctlError::BadToken { .. }) = e.downcast_ref::<IoctlError>() {
+                    return Err(e.context("the device no longer accepts this helper's token"));
+                }
+                let d = backoff.failed(now);
+                warn!(
+                    "{}: reconnecting to {t} failed: {e:#}; retrying in {d:?}",
+                    state.device.display()
+                );
+            }
+        }
+    }
+    State::remove(&state.device);
+    let _ = fs::remove_file(pid_path(&state.device, false));
+    Ok(())
+}
+
+fn reconnect(dev: &EnbdDev, state: &State, t: &Target) -> Result<()> {
+    let (s, info) = open_channel(t, &state.export, state.timeout)?;
+    if info.size != state.size || info.flags != state.flags {
+        bail!(
+            "{t} now offers export '{}' with size {} flags {:#x}, not {} {:#x}",
+            state.export,
+            info.size,
+            info.flags,
+            state.size,
+            state.flags
+        );
+    }
+    dev.add_sock(std::os::fd::AsRawFd::as_raw_fd(&s), &state.token)?;
+    Ok(())
+}
+
+fn fork() -> Result<libc::pid_t> {
+    // SAFETY: the guardian is single-threaded (signal-hook only registers
+    // handlers), so the child may run Rust code after fork().
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    Ok(pid)
+}
+
+/// The guardian: runs the helper in a child process and restarts it until it
+/// exits cleanly (device disconnected or ejected). SIGTERM and SIGUSR2 are
+/// passed on to the helper.
+pub fn guardian(device: &Path) -> Result<()> {
+    let sig = Signals::install()?;
+    write_pid(device, true);
+    let mut restarts = 0u32;
+    loop {
+        let state = State::load(device)?;
+        let child = fork()?;
+        if child == 0 {
+            let code = match helper(&state) {
+                Ok(()) => 0,
+                Err(e) => {
+                    error!("helper: {e:#}");
+                    2
+                }
+            };
+            std::process::exit(code);
+        }
+        info!(
+            "{}: guardian (pid {}) started helper {child}",
+            device.display(),
+            std::process::id()
+        );
+        let status = loop {
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` is a valid out pointer.
+            let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+            if r == child {
+                break status;
+            }
+            for (flag, signo) in [(&sig.term, libc::SIGTERM), (&sig.eject, libc::SIGUSR2)] {
+                if flag.swap(false, Ordering::Relaxed) {
+                    // SAFETY: signals our own child.
+                    unsafe { libc::kill(child, signo) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        if clean {
+            info!("{}: helper finished; guardian exiting", device.display());
+            break;
+        }
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 2 {
+            error!("{}: helper failed; not restarting it", device.display());
+            break;
+        }
+        restarts += 1;
+        let how = if libc::WIFSIGNALED(status) {
+            format!("killed by signal {}", libc::WTERMSIG(status))
+        } else {
+            format!("exited with status {}", libc::WEXITSTATUS(status))
+        };
+        warn!(
+            "{}: helper {child} {how}; restarting it (restart {restarts})",
+            device.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = fs::remove_file(pid_path(device, true));
+    Ok(())
+}
+
+/// Forks into the background; the parent exits once the child runs.
+pub fn daemonize(log: Option<&Path>) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    std::io::stdout().flush()?;
+    let out = match log {
+        Some(p) => fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("cannot open log {}", p.display()))?,
+        None => fs::OpenOptions::new().write(true).open("/dev/null")?,
+    };
+    if fork()? != 0 {
+        std::process::exit(0);
+    }
+    // SAFETY: plain syscalls on descriptors this process owns.
+    unsafe {
+        libc::setsid();
+        libc::dup2(out.as_raw_fd(), 1);
+        libc::dup2(out.as_raw_fd(), 2);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::close(null);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trip() {
+        let s = State {
+            device: "/dev/enbd3".into(),
+            targets: vec![
+                "10.0.0.1:10809".parse().unwrap(),
+                "unix:/run/x".parse().unwrap(),
+            ],
+            export: "disk".into(),
+            channels: 4,
+            timeout: Duration::from_secs(30),
+            retry_max: Duration::from_secs(5),
+            size: 1 << 30,
+            flags: 0x1ff,
+            token: [0xab; TOKEN_LEN],
+        };
+        assert_eq!(State::parse(&s.render()).unwrap(), s);
+        assert!(State::parse("device=/dev/enbd0\n").is_err());
+        assert!(unhex("zz").is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        let t = Instant::now();
+        assert!(b.ready(t));
+        let waits: Vec<u128> = (0..5).map(|_| b.failed(t).as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 500, 500]);
+        assert!(!b.ready(t));
+        assert!(b.ready(t + Duration::from_millis(500)));
+        b.reset();
+        assert!(b.ready(t));
+    }
+}
