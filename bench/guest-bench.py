@@ -53,10 +53,14 @@ def wait_port(port, timeout=20):
     raise RuntimeError(f"nothing listens on {port}")
 
 
-class Servers:
-    """nbdkit (file plugin) and enbd-server on the same backing file."""
+CERTS = "/tmp/bench/certs"
 
-    PORTS = {"nbdkit": 10821, "enbd-server": 10822}
+
+class Servers:
+    """nbdkit (file plugin) and enbd-server (plaintext, and TLS on its own
+    port) on the same backing file."""
+
+    PORTS = {"nbdkit": 10821, "enbd-server": 10822, "enbd-server-tls": 10823}
 
     def __init__(self):
         self.procs = []
@@ -68,6 +72,12 @@ class Servers:
         self.procs.append(subprocess.Popen(
             [f"{BIN}/enbd-server", "--listen", f"127.0.0.1:{self.PORTS['enbd-server']}",
              "--export", f"disk={BACKING}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        sh(["bash", f"{ROOT}/tests/tools/mkcerts.sh", CERTS])
+        self.procs.append(subprocess.Popen(
+            [f"{BIN}/enbd-server", "--listen", f"127.0.0.1:{self.PORTS['enbd-server-tls']}",
+             "--export", f"disk={BACKING}", "--tls-cert", f"{CERTS}/server-cert.pem",
+             "--tls-key", f"{CERTS}/server-key.pem", "--tls-client-ca", f"{CERTS}/ca-cert.pem"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for p in self.PORTS.values():
             wait_port(p)
@@ -105,16 +115,42 @@ class LinuxNbd:
         time.sleep(0.5)
 
 
-class Enbd:
-    def __init__(self, server, chans):
-        self.server, self.chans = server, chans
-        self.name = f"enbd-{chans}c-{server}"
+class LinuxNbdTls(LinuxNbd):
+    """nbd-client with TLS (its GnuTLS proxy) against enbd-server's TLS port."""
+
+    def __init__(self, conns):
+        super().__init__("enbd-server-tls", conns)
+        self.name = f"nbd-tls-{conns}c-enbd-server"
 
     def __enter__(self):
-        port = Servers.PORTS[self.server]
+        sh(["nbd-client", "127.0.0.1", str(Servers.PORTS["enbd-server-tls"]), "/dev/nbd0", "-N", "disk",
+            "-b", "4096", "-C", str(self.conns), "-certfile", f"{CERTS}/client-cert.pem",
+            "-keyfile", f"{CERTS}/client-key.pem", "-cacertfile", f"{CERTS}/ca-cert.pem",
+            "-tlshostname", "localhost"])
+        return "/dev/nbd0"
+
+
+class Enbd:
+    def __init__(self, server, chans, tls=None):
+        self.server, self.chans, self.tls = server, chans, tls
+        kind = {None: "", "ktls": "ktls-", "proxy": "tlsproxy-"}[tls]
+        self.name = f"enbd-{kind}{chans}c-{server}"
+
+    def __enter__(self):
+        port = Servers.PORTS[self.server + ("-tls" if self.tls else "")]
         export = "disk" if self.server == "enbd-server" else ""
-        sh([f"{BIN}/enbd-client", "connect", "/dev/enbd0", f"127.0.0.1:{port}",
-            "--export", export, "--channels", str(self.chans)])
+        args = [f"{BIN}/enbd-client", "connect", "/dev/enbd0", f"127.0.0.1:{port}",
+                "--export", export, "--channels", str(self.chans)]
+        if self.tls:
+            args += ["--tls", "--ca", f"{CERTS}/ca-cert.pem", "--cert", f"{CERTS}/client-cert.pem",
+                     "--key", f"{CERTS}/client-key.pem"]
+            if self.tls == "proxy":
+                args += ["--tls-fallback", "always-proxy"]
+        sh(args)
+        # Proxy channels are opened by the helper after it forks.
+        end = time.monotonic() + 20
+        while time.monotonic() < end and f"channels={self.chans} " not in open("/proc/nbdinfo").read():
+            time.sleep(0.2)
         return "/dev/enbd0"
 
     def __exit__(self, *a):
@@ -205,6 +241,7 @@ def main():
             targets.append(LinuxNbd(server, c))
         for c in (1, 2, 4):
             targets.append(Enbd(server, c))
+    targets += [Enbd("enbd-server", 1, tls="ktls"), Enbd("enbd-server", 1, tls="proxy"), LinuxNbdTls(1)]
     scaling = []
     for c in (2, 8):
         scaling.append(LinuxNbd("enbd-server", c))
@@ -226,7 +263,15 @@ def main():
     sh(["rmmod", "enbd"], check=False)
     with open(f"{OUT}/results.json", "w") as f:
         json.dump(results, f, indent=1)
-    log("done")
+    # A cell without numbers or with I/O errors fails the run (the quick
+    # mode exists to catch exactly that).
+    bad = [f"{t} {wl}" for t, wls in results["cells"].items() for wl, c in wls.items()
+           if c["errors"] or c["iops"] <= 0 or c["mbps"] <= 0]
+    if results["failover"].get("errors"):
+        bad.append("failover (fio errors)")
+    if bad:
+        raise RuntimeError("cells without numbers or with errors: " + ", ".join(bad))
+    log(f"done: {len(cells)} cells, all with numbers and no errors")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,16 @@ def fmt(v, m):
 
 
 def peer(name):
-    """The Linux nbd cell to compare an enbd cell with."""
-    m = re.match(r"enbd-(\d+)c-(.+)$", name)
+    """The Linux nbd cells to compare an enbd cell with, best first."""
+    m = re.match(r"enbd-(?:(ktls|tlsproxy)-)?(\d+)c-(.+)$", name)
     if not m:
-        return None
-    c, server = int(m.group(1)), m.group(2)
-    # Linux nbd runs at 1, 2, 4 and 8 connections; enbd 2c compares with nbd 2c
-    # where measured, else the nearest lower count.
+        return
+    tls, c, server = m.group(1), int(m.group(2)), m.group(3)
+    if tls:
+        yield f"nbd-tls-{c}c-{server}"
+        return
+    # Linux nbd runs at 1, 2, 4 and 8 connections; compare at the same count
+    # where measured, else the nearest lower one.
     for cc in (c, 4 if c > 4 else c, 1):
         yield f"nbd-{cc}c-{server}"
 
@@ -67,11 +70,16 @@ def main():
             c = wls[wl]
             m = metric(wl)
             vs_nbd = "-"
-            for p in peer(name) or []:
+            for p in peer(name):
                 if p in cells and wl in cells[p] and cells[p][wl][m] > 0:
-                    vs_nbd = f"{c[m] / cells[p][wl][m]:.2f}x ({p.split('-')[1]})"
+                    label = re.match(r"nbd-((?:tls-)?\d+c)-", p).group(1)
+                    vs_nbd = f"{c[m] / cells[p][wl][m]:.2f}x ({label})"
                     break
             vs_loop = f"{c[m] / loop[wl][m]:.3f}x" if wl in loop and loop[wl][m] > 0 else "-"
+            if name.startswith("enbd-ktls-") or name.startswith("enbd-tlsproxy-"):
+                plain = re.sub(r"enbd-(ktls|tlsproxy)-", "enbd-", name)
+                if plain in cells and wl in cells[plain] and cells[plain][wl][m] > 0:
+                    vs_loop += f"; {c[m] / cells[plain][wl][m]:.2f}x plaintext"
             lines.append(
                 f"| {name} | {LABEL[wl]} | {fmt(c[m], m)} | {c['p50_us']:,.0f} us | {c['p99_us']:,.0f} us | {vs_nbd} | {vs_loop} |"
             )

@@ -204,3 +204,21 @@ channel_ports() {
 kill_conn() {
 	run ss -K state established "( dport = :$1 and sport = :$2 )"
 }
+
+# A throw-away PKI in $CERTS (see tools/mkcerts.sh).
+CERTS=/tmp/certs
+make_certs() {
+	rm -rf "$CERTS"
+	run bash "$ENBD_ROOT/tests/tools/mkcerts.sh" "$CERTS"
+}
+
+# Starts enbd-server on 127.0.0.1:$1 requiring TLS; more server arguments
+# (such as --export specs) follow.
+start_tls_server() {
+	local port=$1
+	shift
+	"$SERVER" --listen "127.0.0.1:$port" --tls require --tls-cert "$CERTS/server-cert.pem" \
+		--tls-key "$CERTS/server-key.pem" "$@" >"/tmp/enbd-server-$port.log" 2>&1 &
+	SERVER_PID=$!
+	wait_port "$port"
+}

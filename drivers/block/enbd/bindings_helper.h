@@ -21,6 +21,7 @@
 #include <linux/seq_file.h>
 #include <linux/socket.h>
 #include <linux/tcp.h>
+#include <linux/tls.h>
 #include <linux/uio.h>
 #include <net/sock.h>
 #include "glue.h"

@@ -45,16 +45,28 @@ pub(crate) struct ChanInfo {
     pub(crate) spoiled: u64,
     pub(crate) latency_sum_ns: u64,
     pub(crate) replies: u64,
+    /// `uapi::SOCK_KTLS`, `uapi::SOCK_TLS_PROXY` or 0.
+    pub(crate) tls: u32,
 }
 
 impl ChanInfo {
-    pub(crate) fn up(serial: u64, now: u64, probe_len: u32) -> Self {
+    pub(crate) fn up(serial: u64, now: u64, probe_len: u32, tls: u32) -> Self {
         Self {
             state: ChanState::Up,
             serial,
             health: Health::new(now),
             probe_len,
+            tls,
             ..Self::default()
+        }
+    }
+
+    /// The TLS state as `/proc/nbdinfo` shows it.
+    pub(crate) fn tls_name(&self) -> &'static str {
+        match self.tls {
+            crate::uapi::SOCK_KTLS => "ktls",
+            crate::uapi::SOCK_TLS_PROXY => "proxy",
+            _ => "none",
         }
     }
 
@@ -91,11 +103,14 @@ enum Next {
 /// writes it (and a write's data) to the socket; sends keep-alive probes.
 pub(crate) fn sender(dev: &Device, chan: &Channel) {
     loop {
+        // Free again: counted before `io` is taken (see `free_senders`).
+        dev.free_senders.fetch_add(1, Relaxed);
         let next = {
             let mut io = dev.io.lock();
             loop {
                 let now = sys::now_ns();
                 let Some(info) = io.chan_mut(chan) else {
+                    dev.free_senders.fetch_sub(1, Relaxed);
                     drop(io);
                     // Pass on a wake-up this thread may have consumed.
                     dev.work.notify_one();
@@ -115,9 +130,12 @@ pub(crate) fn sender(dev: &Device, chan: &Channel) {
                         break Next::Send(t);
                     }
                 }
+                dev.free_senders.fetch_sub(1, Relaxed);
                 let _ = dev.work.wait_interruptible(&mut io);
+                dev.free_senders.fetch_add(1, Relaxed);
             }
         };
+        dev.free_senders.fetch_sub(1, Relaxed);
         let ok = match next {
             Next::Probe(req) => chan.sock.send(&req.encode(), false).is_ok(),
             Next::Send(taken) => {
@@ -153,8 +171,12 @@ pub(crate) fn sender(dev: &Device, chan: &Channel) {
 pub(crate) fn receiver(dev: &Device, chan: &Channel) {
     let why = loop {
         let mut hdr = [0u8; SimpleReply::LEN];
-        if chan.sock.recv(&mut hdr).is_err() {
-            break "connection closed";
+        if let Err(e) = chan.sock.recv(&mut hdr) {
+            break if sys::is_tls_control(e) {
+                "TLS alert or close_notify"
+            } else {
+                "connection closed"
+            };
         }
         let Ok(reply) = SimpleReply::decode(&hdr) else {
             break "bad reply magic";

@@ -22,7 +22,7 @@
 //! requests, probes quiet channels, drops channels that fail their probe and
 //! fails requests once no channel was seen for `dead_timeout`.
 
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use kernel::error::{code, Result};
 use kernel::prelude::*;
@@ -160,6 +160,13 @@ pub(crate) struct Device {
     idle: CondVar,
     #[pin]
     events: CondVar,
+    /// Sender threads neither asleep on `work` nor in the middle of a send.
+    /// Each looks at the queue (under `io`) before it sleeps, so queue_rq
+    /// wakes a sleeper only when the queue holds more requests than there
+    /// are free senders: fewer context switches, and the channel that comes
+    /// back first takes the next request. A sender counts itself before it
+    /// takes `io`, so a request queued while the count says "free" is seen.
+    pub(crate) free_senders: AtomicU32,
     pub(crate) stats: Stats,
 }
 
@@ -216,6 +223,7 @@ impl Device {
                 work <- kernel::new_condvar!("enbd:work"),
                 idle <- kernel::new_condvar!("enbd:idle"),
                 events <- kernel::new_condvar!("enbd:events"),
+                free_senders: AtomicU32::new(0),
                 stats: Stats::default(),
             }),
             GFP_KERNEL,
@@ -260,16 +268,21 @@ impl Device {
         }
         let read_len = if op == ReqOp::Read { rq.len() } else { 0 };
         let tag = rq.tag();
-        let refused = {
+        let (refused, wake) = {
             let mut io = self.io.lock();
             if !io.accepts() {
-                Some(rq)
+                (Some(rq), false)
             } else {
-                io.journal.push(tag, rq, read_len).err().map(|(_, rq)| rq)
+                let r = io.journal.push(tag, rq, read_len).err().map(|(_, rq)| rq);
+                (r, io.journal.queued() > self.free_senders.load(Relaxed))
             }
         };
         match refused {
-            None => self.work.notify_one(),
+            None => {
+                if wake {
+                    self.work.notify_one();
+                }
+            }
             Some(rq) => {
                 self.stats.errors.fetch_add(1, Relaxed);
                 rq.end(BlkStatus::IOERR);
@@ -646,7 +659,7 @@ impl Device {
             .reader()
             .read_slice(&mut raw)?;
         let sa = SockArg::from_bytes(&raw);
-        if sa.flags != 0 {
+        if sa.flags & !uapi::SOCK_FLAGS != 0 || sa.flags == uapi::SOCK_FLAGS {
             return Err(code::EINVAL);
         }
         let mut ctl = self.ctl.lock();
@@ -693,7 +706,7 @@ impl Device {
             let probe_len = cfg.size.min(512) as u32;
             let mut io = self.io.lock();
             if let Some(info) = io.chans.get_mut(id) {
-                *info = ChanInfo::up(serial, sys::now_ns(), probe_len);
+                *info = ChanInfo::up(serial, sys::now_ns(), probe_len, sa.flags);
             }
             if let Some(link) = io.links.get_mut(id) {
                 *link = Some(chan.clone());

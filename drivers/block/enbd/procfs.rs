@@ -121,10 +121,11 @@ impl ProcShow for Devices {
                 }
                 writeln!(
                     out,
-                    "enbd{} channel id={} state={} requests={} bytes={} errors={} resubmits={} spoiled={} probes={} latency_us={}",
+                    "enbd{} channel id={} state={} tls={} requests={} bytes={} errors={} resubmits={} spoiled={} probes={} latency_us={}",
                     i,
                     id,
                     c.state_name(),
+                    c.tls_name(),
                     c.requests,
                     c.bytes,
                     c.errors,

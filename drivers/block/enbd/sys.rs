@@ -187,8 +187,9 @@ impl Drop for Rq {
     }
 }
 
-/// Segments copied per socket call; bounds the stack used by a transfer.
-const SEG_BATCH: usize = 16;
+/// Segments (pages) per socket call: 256 KiB at a time, so a 1 MiB request
+/// takes four calls; bounds the stack a transfer uses to 1 KiB.
+const SEG_BATCH: usize = 64;
 
 /// A blk-mq tag set and its gendisk, as `/dev/enbdN`.
 ///
@@ -454,6 +455,11 @@ pub(crate) fn enotconn() -> Error {
     Error::from_errno(-(b::ENOTCONN as c_int))
 }
 
+/// Whether `e` is the error `Socket` gives for a TLS alert or close_notify.
+pub(crate) fn is_tls_control(e: Error) -> bool {
+    e.to_errno() == -(b::EPROTO as c_int)
+}
+
 /// Monotonic time in nanoseconds.
 pub(crate) fn now_ns() -> u64 {
     kernel::time::Ktime::ktime_get().to_ns() as u64
@@ -601,11 +607,24 @@ impl Socket {
     }
 
     /// Sends or receives until `init`'s iterator is exhausted.
+    ///
+    /// Receives pass a control buffer, so on a kernel-TLS socket a record
+    /// that is not application data (an alert, close_notify, a handshake
+    /// message) is reported as `TLS_GET_RECORD_TYPE` and refused with
+    /// `EPROTO` instead of being read as NBD data.
     fn xmit(&self, send: bool, flags: u32, init: impl FnOnce(*mut b::iov_iter)) -> Result {
         let mut msg = b::msghdr::default();
         init(&mut msg.msg_iter);
+        // Room for one cmsghdr and its data, 8-byte aligned.
+        let mut control = [0u64; 4];
+        let control_len = core::mem::size_of_val(&control);
         loop {
             msg.msg_flags = flags | b::MSG_NOSIGNAL;
+            if !send {
+                msg.__bindgen_anon_1.msg_control = control.as_mut_ptr().cast();
+                msg.set_msg_control_is_user(false);
+                msg.msg_controllen = control_len;
+            }
             // SAFETY: the socket is valid (type invariant) and `msg` holds an
             // iterator over memory that outlives this call.
             let r = unsafe {
@@ -622,6 +641,9 @@ impl Socket {
                 } else {
                     Error::from_errno(r)
                 });
+            }
+            if !send && msg.msg_controllen < control_len && tls_control_record(&control) {
+                return Err(Error::from_errno(-(b::EPROTO as c_int)));
             }
             // SAFETY: `msg.msg_iter` was initialised above.
             if unsafe { b::iov_iter_count(&msg.msg_iter) } == 0 {
@@ -720,6 +742,22 @@ impl Socket {
         unsafe { b::kernel_sock_shutdown(self.raw(), b::sock_shutdown_cmd_SHUT_RDWR) };
     }
 }
+
+/// Whether a control message written by `recvmsg` says the data came from a
+/// TLS record other than application data.
+fn tls_control_record(control: &[u64; 4]) -> bool {
+    // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; },
+    // then the data at CMSG_ALIGN(sizeof(struct cmsghdr)) = 16.
+    let level = control[1] as u32 as i32;
+    let ty = (control[1] >> 32) as u32 as i32;
+    let record = (control[2] & 0xff) as u8;
+    level == b::SOL_TLS as i32
+        && ty == b::TLS_GET_RECORD_TYPE as i32
+        && record != TLS_RECORD_TYPE_DATA
+}
+
+/// The TLS content type of application data (RFC 8446).
+const TLS_RECORD_TYPE_DATA: u8 = 23;
 
 impl Drop for Socket {
     fn drop(&mut self) {

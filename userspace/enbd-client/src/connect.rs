@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -153,13 +154,163 @@ impl Stream {
     }
 }
 
-/// Connects to `t` and negotiates `export`.
-pub fn open_channel(t: &Target, export: &str, timeout: Duration) -> Result<(Stream, ExportInfo)> {
+/// What to do when the kernel cannot take the TLS session (no kTLS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fallback {
+    /// Refuse to connect.
+    Error,
+    /// Keep TLS in a userspace proxy thread of the helper (the data path
+    /// then depends on the helper staying alive).
+    Proxy,
+    /// Always use the userspace proxy, even where kTLS works (to compare
+    /// the two, or to test the fallback).
+    AlwaysProxy,
+}
+
+impl Fallback {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fallback::Error => "error",
+            Fallback::Proxy => "proxy",
+            Fallback::AlwaysProxy => "always-proxy",
+        }
+    }
+}
+
+/// TLS settings of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOpts {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Name to verify the server certificate against; default: the host.
+    pub hostname: Option<String>,
+    pub fallback: Fallback,
+}
+
+impl TlsOpts {
+    fn config(&self) -> Result<Arc<rustls::ClientConfig>> {
+        let id = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => bail!("--cert and --key go together"),
+        };
+        Ok(enbd_tls::client_config(&self.ca, id)?)
+    }
+}
+
+/// A negotiated connection, ready for `IOC_ADD_SOCK`.
+pub enum Handoff {
+    Plain(Stream),
+    /// TCP with the TLS session in the kernel.
+    Ktls(TcpStream),
+    /// Plaintext end of a socketpair; a proxy thread of this process does TLS.
+    Proxy(UnixStream),
+}
+
+impl Handoff {
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Handoff::Plain(s) => s.as_raw_fd(),
+            Handoff::Ktls(s) => s.as_raw_fd(),
+            Handoff::Proxy(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// `SockArg::flags` for this connection.
+    pub fn flags(&self) -> u32 {
+        match self {
+            Handoff::Plain(_) => 0,
+            Handoff::Ktls(_) => uapi::SOCK_KTLS,
+            Handoff::Proxy(_) => uapi::SOCK_TLS_PROXY,
+        }
+    }
+}
+
+fn host_of(t: &Target) -> String {
+    match t {
+        Target::Tcp(a) => match a.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            None => a.clone(),
+        },
+        Target::Unix(p) => p.display().to_string(),
+    }
+}
+
+/// STARTTLS, TLS handshake, NBD negotiation over TLS, then the session into
+/// the kernel (or a proxy).
+fn open_tls_channel(
+    t: &Target,
+    export: &str,
+    timeout: Duration,
+    tls: &TlsOpts,
+) -> Result<(Handoff, ExportInfo)> {
+    let Stream::Tcp(mut tcp) = Stream::connect(t, timeout)? else {
+        bail!("TLS needs a TCP server address, not {t}");
+    };
+    negotiate::greet(&mut tcp).with_context(|| format!("handshake with {t}"))?;
+    negotiate::starttls(&mut tcp).with_context(|| format!("handshake with {t}"))?;
+    let name = tls.hostname.clone().unwrap_or_else(|| host_of(t));
+    let conn = rustls::ClientConnection::new(tls.config()?, enbd_tls::server_name(&name)?)
+        .with_context(|| format!("TLS with {t}"))?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .with_context(|| format!("TLS handshake with {t} (verifying as '{name}')"))?;
+    }
+    // Fixed newstyle: the option haggling continues inside TLS.
+    // A server that wants a client certificate says so only now: TLS 1.3
+    // finishes the client's side of the handshake first.
+    let info = negotiate::go(&mut s, export, true).with_context(|| {
+        let hint = if tls.cert.is_none() {
+            " (does the server require a client certificate? see --cert/--key)"
+        } else {
+            ""
+        };
+        format!("TLS session with {t} after the handshake{hint}")
+    })?;
+    let rustls::StreamOwned { conn, sock } = s;
+    sock.set_read_timeout(None)?;
+    let attached = if tls.fallback == Fallback::AlwaysProxy {
+        Err(enbd_tls::ktls::KtlsError::Failed(
+            "--tls-fallback always-proxy".into(),
+        ))
+    } else {
+        enbd_tls::ktls::attach_ulp(sock.as_raw_fd())
+    };
+    match attached {
+        Ok(()) => {
+            enbd_tls::ktls::install(sock.as_raw_fd(), rustls::Connection::Client(conn))?;
+            Ok((Handoff::Ktls(sock), info))
+        }
+        Err(e) if tls.fallback != Fallback::Error => {
+            warn!(
+                "{e}; keeping TLS in a userspace proxy: the data path now depends on this helper"
+            );
+            let (inner, _pump) = enbd_tls::proxy::spawn(rustls::Connection::Client(conn), sock)?;
+            Ok((Handoff::Proxy(inner), info))
+        }
+        Err(e) => Err(anyhow::Error::new(e)
+            .context("use --tls-fallback proxy to run TLS in userspace instead")),
+    }
+}
+
+/// Connects to `t` and negotiates `export`, with TLS if `tls` is given.
+pub fn open_channel(
+    t: &Target,
+    export: &str,
+    timeout: Duration,
+    tls: Option<&TlsOpts>,
+) -> Result<(Handoff, ExportInfo)> {
+    if let Some(tls) = tls {
+        return open_tls_channel(t, export, timeout, tls);
+    }
     let mut s = Stream::connect(t, timeout)?;
     let nz = negotiate::greet(&mut s).with_context(|| format!("handshake with {t}"))?;
     let info = negotiate::go(&mut s, export, nz).with_context(|| format!("handshake with {t}"))?;
     s.clear_timeouts()?;
-    Ok((s, info))
+    Ok((Handoff::Plain(s), info))
 }
 
 /// The device configuration that follows from the negotiation.
@@ -199,11 +350,16 @@ pub struct ConnectOpts {
     pub channels: u32,
     pub timeout: Duration,
     pub retry_max: Duration,
+    pub tls: Option<TlsOpts>,
     pub foreground: bool,
     pub log: Option<PathBuf>,
 }
 
 pub fn run(o: ConnectOpts) -> Result<()> {
+    if let Some(tls) = &o.tls {
+        // Bad certificate files fail here, before anything connects.
+        tls.config()?;
+    }
     if o.channels == 0 {
         bail!("--channels must be at least 1");
     }
@@ -219,7 +375,7 @@ pub fn run(o: ConnectOpts) -> Result<()> {
     let mut first: Option<ExportInfo> = None;
     for i in 0..o.channels as usize {
         let t = &o.targets[i % o.targets.len()];
-        let (s, info) = open_channel(t, &o.export, o.timeout)?;
+        let (s, info) = open_channel(t, &o.export, o.timeout, o.tls.as_ref())?;
         if let Some(f) = &first {
             if f.size != info.size || f.flags != info.flags {
                 bail!(
@@ -246,6 +402,7 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         channels: o.channels,
         timeout: o.timeout,
         retry_max: o.retry_max,
+        tls: o.tls.clone(),
         size: info.size,
         flags: info.flags,
         token: cfg.token,
@@ -254,13 +411,26 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         let _ = dev.eject();
         return Err(e);
     }
+    let mut proxied = 0;
     for s in &streams {
-        if let Err(e) = dev.add_sock(s.as_raw_fd(), &cfg.token) {
+        if matches!(s, Handoff::Proxy(_)) {
+            // Its proxy thread would not survive the fork into the
+            // background; the helper opens these channels itself.
+            proxied += 1;
+            continue;
+        }
+        if let Err(e) = dev.add_sock(s.fd(), s.flags(), &cfg.token) {
             let _ = dev.eject();
             return Err(e.into());
         }
     }
     drop(streams);
+    if proxied > 0 {
+        println!(
+            "{}: {proxied} TLS proxy channel(s) will be opened by the helper",
+            o.device.display()
+        );
+    }
     drop(dev);
     println!(
         "{}: connected to {} export '{}', {} bytes, {} channel(s)",

@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use enbd_core::uapi::{DevState, TOKEN_LEN};
 use tracing::{error, info, warn};
 
-use crate::connect::{open_channel, Target};
+use crate::connect::{open_channel, Fallback, Target, TlsOpts};
 use crate::ioctl::{EnbdDev, IoctlError};
 
 /// Where runtime files live; `ENBD_RUN_DIR` overrides it.
@@ -39,6 +39,7 @@ pub struct State {
     pub channels: u32,
     pub timeout: Duration,
     pub retry_max: Duration,
+    pub tls: Option<TlsOpts>,
     pub size: u64,
     pub flags: u16,
     pub token: [u8; TOKEN_LEN],
@@ -77,7 +78,7 @@ fn unhex(s: &str) -> Option<[u8; TOKEN_LEN]> {
 impl State {
     fn render(&self) -> String {
         let targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
-        format!(
+        let mut s = format!(
             "device={}\ntargets={}\nexport={}\nchannels={}\ntimeout_ms={}\nretry_max_ms={}\nsize={}\nflags={}\ntoken={}\n",
             self.device.display(),
             targets.join(" "),
@@ -88,7 +89,23 @@ impl State {
             self.size,
             self.flags,
             hex(&self.token)
-        )
+        );
+        if let Some(t) = &self.tls {
+            let p = |o: &Option<PathBuf>| {
+                o.as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            };
+            s += &format!(
+                "tls_ca={}\ntls_cert={}\ntls_key={}\ntls_hostname={}\ntls_fallback={}\n",
+                t.ca.display(),
+                p(&t.cert),
+                p(&t.key),
+                t.hostname.clone().unwrap_or_default(),
+                t.fallback.name()
+            );
+        }
+        s
     }
 
     fn parse(text: &str) -> Result<Self> {
@@ -105,6 +122,18 @@ impl State {
         if targets.is_empty() {
             bail!("state file lists no server");
         }
+        let opt = |k: &str| get(k).ok().filter(|v| !v.is_empty()).map(str::to_owned);
+        let tls = opt("tls_ca").map(|ca| TlsOpts {
+            ca: ca.into(),
+            cert: opt("tls_cert").map(Into::into),
+            key: opt("tls_key").map(Into::into),
+            hostname: opt("tls_hostname"),
+            fallback: match opt("tls_fallback").as_deref() {
+                Some("proxy") => Fallback::Proxy,
+                Some("always-proxy") => Fallback::AlwaysProxy,
+                _ => Fallback::Error,
+            },
+        });
         Ok(Self {
             device: get("device")?.into(),
             targets,
@@ -112,6 +141,7 @@ impl State {
             channels: u32::try_from(num("channels")?)?,
             timeout: Duration::from_millis(num("timeout_ms")?),
             retry_max: Duration::from_millis(num("retry_max_ms")?),
+            tls,
             size: num("size")?,
             flags: u16::try_from(num("flags")?)?,
             token: unhex(get("token")?).context("bad token")?,
@@ -307,7 +337,7 @@ pub fn helper(state: &State) -> Result<()> {
 }
 
 fn reconnect(dev: &EnbdDev, state: &State, t: &Target) -> Result<()> {
-    let (s, info) = open_channel(t, &state.export, state.timeout)?;
+    let (s, info) = open_channel(t, &state.export, state.timeout, state.tls.as_ref())?;
     if info.size != state.size || info.flags != state.flags {
         bail!(
             "{t} now offers export '{}' with size {} flags {:#x}, not {} {:#x}",
@@ -318,7 +348,7 @@ fn reconnect(dev: &EnbdDev, state: &State, t: &Target) -> Result<()> {
             state.flags
         );
     }
-    dev.add_sock(std::os::fd::AsRawFd::as_raw_fd(&s), &state.token)?;
+    dev.add_sock(s.fd(), s.flags(), &state.token)?;
     Ok(())
 }
 
@@ -442,6 +472,13 @@ mod tests {
             channels: 4,
             timeout: Duration::from_secs(30),
             retry_max: Duration::from_secs(5),
+            tls: Some(TlsOpts {
+                ca: "/etc/ca.pem".into(),
+                cert: None,
+                key: None,
+                hostname: Some("srv".into()),
+                fallback: Fallback::Proxy,
+            }),
             size: 1 << 30,
             flags: 0x1ff,
             token: [0xab; TOKEN_LEN],

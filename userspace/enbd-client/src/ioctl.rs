@@ -113,10 +113,15 @@ impl EnbdDev {
     }
 
     /// Hands a connected socket to the device.
-    pub fn add_sock(&self, fd: RawFd, token: &[u8; uapi::TOKEN_LEN]) -> Result<(), IoctlError> {
+    pub fn add_sock(
+        &self,
+        fd: RawFd,
+        flags: u32,
+        token: &[u8; uapi::TOKEN_LEN],
+    ) -> Result<(), IoctlError> {
         let mut buf = SockArg {
             fd,
-            flags: 0,
+            flags,
             token: *token,
         }
         .to_bytes();

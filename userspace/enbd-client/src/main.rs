@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use connect::{ConnectOpts, Target};
+use connect::{ConnectOpts, Fallback, Target, TlsOpts};
 use ioctl::EnbdDev;
 use procinfo::ProcInfo;
 
@@ -57,6 +57,26 @@ enum Cmd {
         /// Seconds allowed for connecting and negotiating each channel.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Upgrade every connection with NBD_OPT_STARTTLS (TLS 1.3, rustls),
+        /// then hand the session to kernel TLS.
+        #[arg(long, requires = "ca")]
+        tls: bool,
+        /// CA certificate(s) (PEM) the server's certificate must chain to.
+        #[arg(long, value_name = "FILE", requires = "tls")]
+        ca: Option<PathBuf>,
+        /// Client certificate (PEM) for servers that require one.
+        #[arg(long, value_name = "FILE", requires_all = ["key", "tls"])]
+        cert: Option<PathBuf>,
+        /// Private key (PEM) of --cert.
+        #[arg(long, value_name = "FILE", requires = "cert")]
+        key: Option<PathBuf>,
+        /// Name the server certificate must carry (default: the host given).
+        #[arg(long, value_name = "NAME", requires = "tls")]
+        tls_hostname: Option<String>,
+        /// When the kernel cannot take the TLS session: fail (error) or keep
+        /// TLS in a userspace proxy thread (proxy).
+        #[arg(long, value_enum, default_value = "error")]
+        tls_fallback: Fallback,
         /// Longest wait between reconnection attempts, in seconds (the wait
         /// starts at 0.1 s and doubles).
         #[arg(long, default_value_t = 5.0)]
@@ -186,6 +206,12 @@ fn run(cli: Cli) -> Result<()> {
             channels,
             timeout,
             retry_max,
+            tls,
+            ca,
+            cert,
+            key,
+            tls_hostname,
+            tls_fallback,
             foreground,
             log,
         } => {
@@ -199,6 +225,16 @@ fn run(cli: Cli) -> Result<()> {
                 channels,
                 timeout: Duration::from_secs(timeout),
                 retry_max: Duration::from_secs_f64(retry_max),
+                tls: match (tls, ca) {
+                    (true, Some(ca)) => Some(TlsOpts {
+                        ca,
+                        cert,
+                        key,
+                        hostname: tls_hostname,
+                        fallback: tls_fallback,
+                    }),
+                    _ => None,
+                },
                 foreground,
                 log,
             })

@@ -18,7 +18,7 @@ pub struct ExportInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NegotiateError {
-    #[error("connection failed during the handshake: {0}")]
+    #[error("connection failed during the handshake")]
     Io(#[from] std::io::Error),
     #[error("not an NBD server, or a broken one: {0}")]
     Protocol(wire::WireError),
@@ -36,6 +36,11 @@ pub enum NegotiateError {
     Unexpected { option: &'static str, reply: u32 },
     #[error("server sent no export information")]
     NoExportInfo,
+    #[error("server refused TLS: {reason}{}", msg_suffix(.message))]
+    NoTls {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 fn msg_suffix(m: &str) -> String {
@@ -102,6 +107,24 @@ pub fn greet(s: &mut (impl Read + Write)) -> Result<bool, NegotiateError> {
     s.write_all(&cflags.to_be_bytes())?;
     s.flush()?;
     Ok(no_zeroes)
+}
+
+/// Asks to upgrade the connection to TLS; `Ok` means the server agreed and
+/// the TLS handshake must follow at once.
+pub fn starttls(s: &mut (impl Read + Write)) -> Result<(), NegotiateError> {
+    send_option(s, opt::STARTTLS, &[])?;
+    let (h, payload) = read_reply(s, opt::STARTTLS)?;
+    match h.reply {
+        rep::ACK => Ok(()),
+        r if rep::is_err(r) => Err(NegotiateError::NoTls {
+            reason: rep::describe(r),
+            message: String::from_utf8_lossy(&payload).into_owned(),
+        }),
+        r => Err(NegotiateError::Unexpected {
+            option: "STARTTLS",
+            reply: r,
+        }),
+    }
 }
 
 /// Chooses `export` and ends the handshake. Uses `OPT_GO` and falls back to

@@ -273,12 +273,19 @@ pub fn name_str(field: &[u8]) -> &[u8] {
     &field[..end]
 }
 
+/// `SockArg::flags`: the socket carries kernel TLS (`TLS_TX`/`TLS_RX` set).
+pub const SOCK_KTLS: u32 = 1 << 0;
+/// `SockArg::flags`: the socket is a plaintext pipe to a userspace TLS proxy.
+pub const SOCK_TLS_PROXY: u32 = 1 << 1;
+/// Every flag `IOC_ADD_SOCK` accepts.
+pub const SOCK_FLAGS: u32 = SOCK_KTLS | SOCK_TLS_PROXY;
+
 /// Argument of [`IOC_ADD_SOCK`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockArg {
     /// A connected socket, past the handshake.
     pub fd: i32,
-    /// Must be 0.
+    /// `SOCK_KTLS` or `SOCK_TLS_PROXY` (shown in `/proc/nbdinfo`), or 0.
     pub flags: u32,
     /// The token `IOC_CONFIGURE` returned.
     pub token: [u8; TOKEN_LEN],

@@ -3,6 +3,8 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
 use enbd_core::wire::{
     self, handshake, info, opt, rep, ExportNameReply, GoRequest, Greeting, Info, OptionHeader,
     OptionReplyHeader, MAX_OPTION_LEN,
@@ -10,6 +12,24 @@ use enbd_core::wire::{
 use tracing::{debug, warn};
 
 use crate::export::{Export, Exports};
+use crate::link::Link;
+
+/// Whether and how clients may or must use TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is refused as unsupported.
+    Off,
+    /// Clients may upgrade with STARTTLS.
+    Allow,
+    /// Clients must upgrade before anything else.
+    Require,
+}
+
+/// The server's TLS settings.
+pub struct TlsPolicy {
+    pub mode: TlsMode,
+    pub config: Option<Arc<ServerConfig>>,
+}
 
 /// How a handshake ended.
 pub enum Outcome {
@@ -31,6 +51,8 @@ pub enum HandshakeError {
     UnknownFlags(u32),
     #[error("option payload of {0} bytes is too large")]
     TooLarge(u32),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 fn reply(s: &mut impl Write, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
@@ -44,11 +66,32 @@ fn reply(s: &mut impl Write, option: u32, kind: u32, payload: &[u8]) -> io::Resu
         .encode(),
     );
     buf.extend_from_slice(payload);
-    s.write_all(&buf)
+    s.write_all(&buf)?;
+    // Through TLS, this is what pushes the record out.
+    s.flush()
+}
+
+/// Upgrades a plain TCP link to TLS after STARTTLS was acknowledged.
+fn upgrade(link: &mut Link, config: &Arc<ServerConfig>) -> Result<(), HandshakeError> {
+    let Link::Tcp(sock) = std::mem::replace(link, Link::Upgrading) else {
+        return Err(HandshakeError::Tls(io::Error::other(
+            "not a TCP connection",
+        )));
+    };
+    let conn = ServerConnection::new(config.clone())
+        .map_err(|e| HandshakeError::Tls(io::Error::other(e)))?;
+    let mut tls = StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(HandshakeError::Tls)?;
+    }
+    *link = Link::Tls(Box::new(tls));
+    Ok(())
 }
 
 /// Runs the handshake up to transmission or close.
-pub fn run(s: &mut (impl Read + Write), exports: &Exports) -> Result<Outcome, HandshakeError> {
+pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, HandshakeError> {
     s.write_all(
         &Greeting {
             flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
@@ -75,7 +118,50 @@ pub fn run(s: &mut (impl Read + Write), exports: &Exports) -> Result<Outcome, Ha
         let mut payload = vec![0u8; h.length as usize];
         s.read_exact(&mut payload)?;
         debug!(option = opt::name(h.option), len = h.length, "option");
+        if tls.mode == TlsMode::Require
+            && !s.is_tls()
+            && !matches!(h.option, opt::STARTTLS | opt::ABORT)
+        {
+            if h.option == opt::EXPORT_NAME {
+                warn!("plaintext EXPORT_NAME refused: TLS is required");
+                return Ok(Outcome::Closed);
+            }
+            reply(
+                s,
+                h.option,
+                rep::ERR_TLS_REQD,
+                b"TLS is required: use NBD_OPT_STARTTLS",
+            )?;
+            continue;
+        }
         match h.option {
+            opt::STARTTLS => {
+                let refusal: Option<(u32, &[u8])> = if !payload.is_empty() {
+                    Some((rep::ERR_INVALID, b"STARTTLS takes no data"))
+                } else if s.is_tls() {
+                    Some((rep::ERR_INVALID, b"TLS is already on"))
+                } else if tls.mode == TlsMode::Off || !matches!(s, Link::Tcp(_)) {
+                    Some((rep::ERR_UNSUP, b"TLS is not configured on this server"))
+                } else {
+                    None
+                };
+                if let Some((kind, msg)) = refusal {
+                    reply(s, h.option, kind, msg)?;
+                    continue;
+                }
+                let Some(config) = &tls.config else {
+                    reply(
+                        s,
+                        h.option,
+                        rep::ERR_UNSUP,
+                        b"TLS is not configured on this server",
+                    )?;
+                    continue;
+                };
+                reply(s, h.option, rep::ACK, &[])?;
+                upgrade(s, config)?;
+                debug!("TLS established");
+            }
             opt::EXPORT_NAME => {
                 let Some(e) = exports.find(&payload) else {
                     // The protocol has no error reply here: just close.
@@ -95,6 +181,7 @@ pub fn run(s: &mut (impl Read + Write), exports: &Exports) -> Result<Outcome, Ha
                 if !no_zeroes {
                     s.write_all(&[0u8; ExportNameReply::ZEROES])?;
                 }
+                s.flush()?;
                 return Ok(Outcome::Transmission(e));
             }
             opt::ABORT => {

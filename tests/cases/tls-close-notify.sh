@@ -1,0 +1,19 @@
+# a TLS close_notify on a kernel-TLS channel (server shutting down) drops the channel, nothing is misread, I/O resumes
+# timeout: 420
+load_enbd request_timeout=5 dead_timeout=120
+make_certs
+make_backing /tmp/disk.img 256
+start_tls_server 10809 --export disk=/tmp/disk.img
+connect_enbd /dev/enbd0 10809 disk --channels 2 --tls --ca "$CERTS/ca-cert.pem" --retry-max 1
+fio_verify_start /dev/enbd0 256
+sleep 6
+# SIGTERM: the server sends close_notify on every TLS connection, then exits.
+run kill -TERM "$SERVER_PID"
+wait "$SERVER_PID" 2>/dev/null
+grep -i close_notify /tmp/enbd-server-10809.log || fail "server did not report sending close_notify"
+wait_for 10 sh -c "dmesg | tail -n +$((CASE_DMESG + 1)) | grep -q 'dropped: TLS alert or close_notify'" \
+	|| fail "kernel did not report the close_notify"
+start_tls_server 10809 --export disk=/tmp/disk.img
+fio_verify_finish
+[ "$(channels_started)" -ge 4 ] || fail "channels not reconnected"
+run "$CLIENT" disconnect /dev/enbd0

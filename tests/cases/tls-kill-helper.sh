@@ -1,0 +1,19 @@
+# kill -9 of the helper during TLS I/O: kernel TLS carries on with 0 errors, the guardian re-attaches and reconnects over TLS
+# timeout: 420
+load_enbd request_timeout=5 dead_timeout=120
+make_certs
+make_backing /tmp/disk.img 256
+start_tls_server 10809 --export disk=/tmp/disk.img
+connect_enbd /dev/enbd0 10809 disk --channels 2 --tls --ca "$CERTS/ca-cert.pem" --retry-max 1
+old=$(cat /run/enbd/enbd0.pid)
+fio_verify_start /dev/enbd0 256
+sleep 6
+run kill -9 "$old"
+wait_for 10 sh -c "test \"\$(cat /run/enbd/enbd0.pid)\" != $old" || fail "helper not restarted"
+sleep 2
+ports=($(channel_ports 10809))
+kill_conn 10809 "${ports[0]}"
+fio_verify_finish
+[ "$(channels_started)" -ge 3 ] || fail "the restarted helper did not reconnect"
+expect_eq "$(grep -c '^enbd0 channel .*tls=ktls' /proc/nbdinfo)" 2 "channels with kernel TLS"
+run "$CLIENT" disconnect /dev/enbd0
