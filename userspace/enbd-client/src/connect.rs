@@ -342,25 +342,34 @@ pub fn device_config(info: &ExportInfo, server: &str, export: &str) -> Result<Co
     Ok(cfg)
 }
 
-/// Options of `connect`.
-pub struct ConnectOpts {
-    pub device: PathBuf,
+/// Where and how a device's channels connect: given to `connect`, and kept
+/// in the state file for the helper that re-attaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
     pub targets: Vec<Target>,
     pub export: String,
     pub channels: u32,
+    /// For connecting and negotiating each channel.
     pub timeout: Duration,
+    /// Longest wait between reconnection attempts.
     pub retry_max: Duration,
     pub tls: Option<TlsOpts>,
+}
+
+/// Options of `connect`.
+pub struct ConnectOpts {
+    pub device: PathBuf,
+    pub session: Session,
     pub foreground: bool,
     pub log: Option<PathBuf>,
 }
 
 pub fn run(o: ConnectOpts) -> Result<()> {
-    if let Some(tls) = &o.tls {
+    if let Some(tls) = &o.session.tls {
         // Bad certificate files fail here, before anything connects.
         tls.config()?;
     }
-    if o.channels == 0 {
+    if o.session.channels == 0 {
         bail!("--channels must be at least 1");
     }
     let dev = EnbdDev::open(&o.device)?;
@@ -373,15 +382,20 @@ pub fn run(o: ConnectOpts) -> Result<()> {
     }
     let mut streams = Vec::new();
     let mut first: Option<ExportInfo> = None;
-    for i in 0..o.channels as usize {
-        let t = &o.targets[i % o.targets.len()];
-        let (s, info) = open_channel(t, &o.export, o.timeout, o.tls.as_ref())?;
+    for i in 0..o.session.channels as usize {
+        let t = &o.session.targets[i % o.session.targets.len()];
+        let (s, info) = open_channel(
+            t,
+            &o.session.export,
+            o.session.timeout,
+            o.session.tls.as_ref(),
+        )?;
         if let Some(f) = &first {
             if f.size != info.size || f.flags != info.flags {
                 bail!(
                     "{t} offers export '{}' with a different size or flags than {}",
-                    o.export,
-                    o.targets[0]
+                    o.session.export,
+                    o.session.targets[0]
                 );
             }
         } else {
@@ -390,19 +404,14 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         streams.push(s);
     }
     let info = first.context("no channel")?;
-    if o.channels > 1 && info.flags & tx::CAN_MULTI_CONN == 0 {
+    if o.session.channels > 1 && info.flags & tx::CAN_MULTI_CONN == 0 {
         warn!("the server does not promise consistency across connections (no CAN_MULTI_CONN)");
     }
-    let server = o.targets[0].to_string();
-    let cfg = dev.configure(&device_config(&info, &server, &o.export)?)?;
+    let server = o.session.targets[0].to_string();
+    let cfg = dev.configure(&device_config(&info, &server, &o.session.export)?)?;
     let state = State {
         device: o.device.clone(),
-        targets: o.targets.clone(),
-        export: o.export.clone(),
-        channels: o.channels,
-        timeout: o.timeout,
-        retry_max: o.retry_max,
-        tls: o.tls.clone(),
+        session: o.session.clone(),
         size: info.size,
         flags: info.flags,
         token: cfg.token,
@@ -436,9 +445,9 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         "{}: connected to {} export '{}', {} bytes, {} channel(s)",
         o.device.display(),
         server,
-        o.export,
+        o.session.export,
         cfg.size,
-        o.channels
+        o.session.channels
     );
     if !o.foreground {
         daemon::daemonize(o.log.as_deref())?;
@@ -457,9 +466,9 @@ pub fn attach(device: &Path, foreground: bool, log: Option<&Path>) -> Result<()>
     println!(
         "{}: attaching to export '{}' ({} of {} channel(s) up)",
         device.display(),
-        state.export,
+        state.session.export,
         st.channels,
-        state.channels
+        state.session.channels
     );
     if !foreground {
         daemon::daemonize(log)?;

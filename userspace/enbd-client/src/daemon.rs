@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use enbd_core::uapi::{DevState, TOKEN_LEN};
 use tracing::{error, info, warn};
 
-use crate::connect::{open_channel, Fallback, Target, TlsOpts};
+use crate::connect::{open_channel, Fallback, Session, Target, TlsOpts};
 use crate::ioctl::{EnbdDev, IoctlError};
 
 /// Where runtime files live; `ENBD_RUN_DIR` overrides it.
@@ -34,12 +34,7 @@ pub fn run_dir() -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
     pub device: PathBuf,
-    pub targets: Vec<Target>,
-    pub export: String,
-    pub channels: u32,
-    pub timeout: Duration,
-    pub retry_max: Duration,
-    pub tls: Option<TlsOpts>,
+    pub session: Session,
     pub size: u64,
     pub flags: u16,
     pub token: [u8; TOKEN_LEN],
@@ -77,20 +72,25 @@ fn unhex(s: &str) -> Option<[u8; TOKEN_LEN]> {
 
 impl State {
     fn render(&self) -> String {
-        let targets: Vec<String> = self.targets.iter().map(ToString::to_string).collect();
+        let targets: Vec<String> = self
+            .session
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let mut s = format!(
             "device={}\ntargets={}\nexport={}\nchannels={}\ntimeout_ms={}\nretry_max_ms={}\nsize={}\nflags={}\ntoken={}\n",
             self.device.display(),
             targets.join(" "),
-            self.export,
-            self.channels,
-            self.timeout.as_millis(),
-            self.retry_max.as_millis(),
+            self.session.export,
+            self.session.channels,
+            self.session.timeout.as_millis(),
+            self.session.retry_max.as_millis(),
             self.size,
             self.flags,
             hex(&self.token)
         );
-        if let Some(t) = &self.tls {
+        if let Some(t) = &self.session.tls {
             let p = |o: &Option<PathBuf>| {
                 o.as_ref()
                     .map(|p| p.display().to_string())
@@ -136,12 +136,14 @@ impl State {
         });
         Ok(Self {
             device: get("device")?.into(),
-            targets,
-            export: get("export")?.to_owned(),
-            channels: u32::try_from(num("channels")?)?,
-            timeout: Duration::from_millis(num("timeout_ms")?),
-            retry_max: Duration::from_millis(num("retry_max_ms")?),
-            tls,
+            session: Session {
+                targets,
+                export: get("export")?.to_owned(),
+                channels: u32::try_from(num("channels")?)?,
+                timeout: Duration::from_millis(num("timeout_ms")?),
+                retry_max: Duration::from_millis(num("retry_max_ms")?),
+                tls,
+            },
             size: num("size")?,
             flags: u16::try_from(num("flags")?)?,
             token: unhex(get("token")?).context("bad token")?,
@@ -260,9 +262,9 @@ pub fn helper(state: &State) -> Result<()> {
         "{}: helper running (pid {}), keeping {} channel(s)",
         state.device.display(),
         std::process::id(),
-        state.channels
+        state.session.channels
     );
-    let mut backoff = Backoff::new(state.retry_max);
+    let mut backoff = Backoff::new(state.session.retry_max);
     let mut epoch = dev.status()?.epoch;
     let mut next_target = 0usize;
     let mut lost_at: Option<Instant> = None;
@@ -293,12 +295,12 @@ pub fn helper(state: &State) -> Result<()> {
             Some(DevState::Closing) => continue,
             _ => {}
         }
-        if st.channels >= state.channels {
+        if st.channels >= state.session.channels {
             if let Some(t) = lost_at.take() {
                 info!(
                     "{}: all {} channel(s) up again after {:.1} s",
                     state.device.display(),
-                    state.channels,
+                    state.session.channels,
                     t.elapsed().as_secs_f64()
                 );
             }
@@ -310,14 +312,14 @@ pub fn helper(state: &State) -> Result<()> {
         if !backoff.ready(now) {
             continue;
         }
-        let t = &state.targets[next_target % state.targets.len()];
+        let t = &state.session.targets[next_target % state.session.targets.len()];
         next_target += 1;
         match reconnect(&dev, state, t) {
             Ok(()) => info!(
                 "{}: channel to {t} reconnected ({} of {} up)",
                 state.device.display(),
                 st.channels + 1,
-                state.channels
+                state.session.channels
             ),
             Err(e) => {
                 if let Some(IoctlError::BadToken { .. }) = e.downcast_ref::<IoctlError>() {
@@ -337,11 +339,16 @@ pub fn helper(state: &State) -> Result<()> {
 }
 
 fn reconnect(dev: &EnbdDev, state: &State, t: &Target) -> Result<()> {
-    let (s, info) = open_channel(t, &state.export, state.timeout, state.tls.as_ref())?;
+    let (s, info) = open_channel(
+        t,
+        &state.session.export,
+        state.session.timeout,
+        state.session.tls.as_ref(),
+    )?;
     if info.size != state.size || info.flags != state.flags {
         bail!(
             "{t} now offers export '{}' with size {} flags {:#x}, not {} {:#x}",
-            state.export,
+            state.session.export,
             info.size,
             info.flags,
             state.size,
@@ -464,21 +471,23 @@ mod tests {
     fn state_round_trip() {
         let s = State {
             device: "/dev/enbd3".into(),
-            targets: vec![
-                "10.0.0.1:10809".parse().unwrap(),
-                "unix:/run/x".parse().unwrap(),
-            ],
-            export: "disk".into(),
-            channels: 4,
-            timeout: Duration::from_secs(30),
-            retry_max: Duration::from_secs(5),
-            tls: Some(TlsOpts {
-                ca: "/etc/ca.pem".into(),
-                cert: None,
-                key: None,
-                hostname: Some("srv".into()),
-                fallback: Fallback::Proxy,
-            }),
+            session: Session {
+                targets: vec![
+                    "10.0.0.1:10809".parse().unwrap(),
+                    "unix:/run/x".parse().unwrap(),
+                ],
+                export: "disk".into(),
+                channels: 4,
+                timeout: Duration::from_secs(30),
+                retry_max: Duration::from_secs(5),
+                tls: Some(TlsOpts {
+                    ca: "/etc/ca.pem".into(),
+                    cert: None,
+                    key: None,
+                    hostname: Some("srv".into()),
+                    fallback: Fallback::Proxy,
+                }),
+            },
             size: 1 << 30,
             flags: 0x1ff,
             token: [0xab; TOKEN_LEN],

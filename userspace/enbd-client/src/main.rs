@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use connect::{ConnectOpts, Fallback, Target, TlsOpts};
+use connect::{ConnectOpts, Fallback, Session, Target, TlsOpts};
 use ioctl::EnbdDev;
 use procinfo::ProcInfo;
 
@@ -220,20 +220,22 @@ fn run(cli: Cli) -> Result<()> {
             }
             connect::run(ConnectOpts {
                 device,
-                targets: servers,
-                export,
-                channels,
-                timeout: Duration::from_secs(timeout),
-                retry_max: Duration::from_secs_f64(retry_max),
-                tls: match (tls, ca) {
-                    (true, Some(ca)) => Some(TlsOpts {
-                        ca,
-                        cert,
-                        key,
-                        hostname: tls_hostname,
-                        fallback: tls_fallback,
-                    }),
-                    _ => None,
+                session: Session {
+                    targets: servers,
+                    export,
+                    channels,
+                    timeout: Duration::from_secs(timeout),
+                    retry_max: Duration::from_secs_f64(retry_max),
+                    tls: match (tls, ca) {
+                        (true, Some(ca)) => Some(TlsOpts {
+                            ca,
+                            cert,
+                            key,
+                            hostname: tls_hostname,
+                            fallback: tls_fallback,
+                        }),
+                        _ => None,
+                    },
                 },
                 foreground,
                 log,
