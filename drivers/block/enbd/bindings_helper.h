@@ -24,6 +24,7 @@
 #include <linux/tls.h>
 #include <linux/uio.h>
 #include <net/sock.h>
+#include <net/tcp.h>
 #include "glue.h"
 
 #ifdef __BINDGEN__
@@ -36,6 +37,7 @@ const blk_features_t ENBD_BLK_FEAT_FUA = BLK_FEAT_FUA;
 const blk_features_t ENBD_BLK_FEAT_ROTATIONAL = BLK_FEAT_ROTATIONAL;
 const blk_opf_t ENBD_REQ_OP_MASK = REQ_OP_MASK;
 const blk_opf_t ENBD_REQ_FUA = REQ_FUA;
+const blk_opf_t ENBD_REQ_NOUNMAP = REQ_NOUNMAP;
 const gfp_t ENBD_GFP_NOIO = GFP_NOIO;
 const gfp_t ENBD_GFP_KERNEL = GFP_KERNEL;
 #endif

@@ -47,6 +47,8 @@ pub(crate) struct ChanInfo {
     pub(crate) replies: u64,
     /// `uapi::SOCK_KTLS`, `uapi::SOCK_TLS_PROXY` or 0.
     pub(crate) tls: u32,
+    /// Why the channel is being dropped, once that has begun.
+    pub(crate) condemned: Option<&'static str>,
 }
 
 impl ChanInfo {
@@ -120,7 +122,7 @@ pub(crate) fn sender(dev: &Device, chan: &Channel) {
                     let len = info.probe_len;
                     break Next::Probe(Request::new(Cmd::Read, 0, cookie(PROBE_TAG, seq), 0, len));
                 }
-                if info.health.takes_requests() {
+                if io.takes_requests(chan.id as usize) {
                     if let Some(t) = io.journal.take(chan.id, now, crate::device::header_of) {
                         if let Some(info) = io.chan_mut(chan) {
                             info.requests += 1;
@@ -186,37 +188,56 @@ pub(crate) fn receiver(dev: &Device, chan: &Channel) {
         if tag == PROBE_TAG {
             let answered = {
                 let mut io = dev.io.lock();
-                io.chan_mut(chan)
-                    .and_then(|info| info.health.probe_reply(gen, now).then_some(info.probe_len))
+                io.chan_mut(chan).and_then(|info| {
+                    let cleared = info.health.probe_reply(gen, now)?;
+                    Some((info.probe_len, cleared))
+                })
             };
-            let Some(len) = answered else {
+            let Some((len, cleared)) = answered else {
                 break "unexpected keep-alive reply";
             };
+            if cleared {
+                // The channel takes requests again: a queued one may wait.
+                dev.work.notify_all();
+            }
             if reply.error == 0 && chan.sock.discard(len).is_err() {
                 break "connection closed";
             }
             continue;
         }
-        let m = {
+        let (m, wake) = {
             let mut io = dev.io.lock();
             let sent_at = io.journal.sent_at(tag).unwrap_or(now);
             let m = io.journal.reply(chan.id, reply.cookie, reply.error);
+            // A reply may leave this channel idle for a request that must
+            // go out solo; the sender then has to look again.
+            let mut wake = io.journal.solo_ready(chan.id);
             if !matches!(m, Reply::Corrupt) {
                 if let Some(info) = io.chan_mut(chan) {
-                    info.health.replied(now);
+                    wake |= info.health.replied(now);
                     if !matches!(m, Reply::Late { .. }) {
                         info.replies += 1;
                         info.latency_sum_ns += now.saturating_sub(sent_at);
                     }
                 }
             }
-            m
+            (m, wake)
         };
+        if wake {
+            dev.work.notify_all();
+        }
         match m {
             Reply::Complete(rq, err) => dev.complete(rq, err),
             Reply::Receive(rq, len) => {
                 let ok = chan.sock.recv_data(&rq, len).is_ok();
-                let out = dev.io.lock().journal.received(tag, rq, ok);
+                let (out, wake) = {
+                    let mut io = dev.io.lock();
+                    let out = io.journal.received(tag, rq, ok);
+                    (out, io.journal.solo_ready(chan.id))
+                };
+                if wake {
+                    dev.work.notify_all();
+                }
                 dev.finish(out);
                 if !ok {
                     break "read data truncated";

@@ -19,8 +19,18 @@
 //! (`IOC_WAIT` waits for the epoch to change) are used with `io`.
 //!
 //! The module's manager thread calls `tick` every 200 ms: it ages in-flight
-//! requests, probes quiet channels, drops channels that fail their probe and
-//! fails requests once no channel was seen for `dead_timeout`.
+//! requests, probes quiet channels, drops channels that fail their probe or
+//! hold a timed-out write (write fencing) and fails requests once no
+//! channel was seen for `dead_timeout`.
+//!
+//! # Write fencing
+//!
+//! A modifying request is resubmitted only by `Journal::drop_channel`, which
+//! `channel_failed` calls after the channel's socket was aborted
+//! (`Socket::abort`: unsent data dropped, the peer reset), so the old channel
+//! can deliver nothing more of it. A server that executes only what it read
+//! from a live connection (enbd-server does) therefore never lands an old
+//! copy after a newer write.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
@@ -31,8 +41,9 @@ use kernel::uaccess::UserSlice;
 
 use crate::channel::{self, ChanInfo, ChanState, Channel};
 use crate::health::Tick;
-use crate::journal::{self, Journal, Outcome, Slot};
-use crate::sys::{self, BlkStatus, DiskRef, Limits, Param, ReqOp, Rq, Socket, Thread};
+use crate::journal::{self, Journal, Kind, Outcome, Slot};
+use crate::ratelimit::RateLimit;
+use crate::sys::{self, BlkStatus, BlockDriver, DiskRef, Limits, Param, ReqOp, Rq, Socket, Thread};
 use crate::uapi::{self, Config, DevState, SockArg, Status, WaitArg};
 use crate::wire::{tx, Cmd, Request};
 
@@ -44,10 +55,8 @@ pub(crate) struct Io {
     pub(crate) config: Config,
     pub(crate) token_rejects: u64,
     pub(crate) journal: RqJournal,
-    /// Per channel id; `ChanState::Unused` for free ids.
-    pub(crate) chans: KVec<ChanInfo>,
-    /// The channels themselves, so the manager can shut a condemned one down.
-    links: KVec<Option<Arc<Channel>>>,
+    /// One record per channel id (`ChanState::Unused` for free ids).
+    pub(crate) chans: KVec<ChanSlot>,
     /// Channels in state `Up`.
     pub(crate) live: u32,
     /// Whether the configuration reached the disk (first channel).
@@ -57,6 +66,10 @@ pub(crate) struct Io {
     /// Bumped on every channel or state change; `IOC_WAIT` waits for it.
     pub(crate) epoch: u32,
     next_serial: u64,
+    /// Channel up/drop messages: a reconnect storm must not flood the log.
+    chan_log: RateLimit,
+    /// Given-up request messages.
+    gave_up_log: RateLimit,
 }
 
 impl Io {
@@ -64,7 +77,62 @@ impl Io {
     pub(crate) fn chan_mut(&mut self, chan: &Channel) -> Option<&mut ChanInfo> {
         self.chans
             .get_mut(chan.id as usize)
+            .map(|s| &mut s.info)
             .filter(|c| c.state == ChanState::Up && c.serial == chan.serial)
+    }
+
+    /// The infos of all channel ids.
+    fn infos(&self) -> impl Iterator<Item = &ChanInfo> {
+        self.chans.iter().map(|s| &s.info)
+    }
+
+    /// The info of channel id `id`.
+    fn info_mut(&mut self, id: usize) -> Option<&mut ChanInfo> {
+        self.chans.get_mut(id).map(|s| &mut s.info)
+    }
+
+    /// Whether several channels may carry requests at once. Without the
+    /// server's `CAN_MULTI_CONN` the NBD spec promises no consistency across
+    /// connections, so only one channel is active and the others are warm
+    /// reserves (probed, but given no requests).
+    fn multi_conn(&self) -> bool {
+        self.config.nbd_flags & u32::from(tx::CAN_MULTI_CONN) != 0
+    }
+
+    /// Whether channel `id` is active (not a reserve): every live channel
+    /// with `CAN_MULTI_CONN`, else the oldest live one. A reserve becomes
+    /// active only once the active channel is dead, which `channel_failed`
+    /// marks after aborting its socket.
+    pub(crate) fn is_active(&self, id: usize) -> bool {
+        let Some(c) = self
+            .chans
+            .get(id)
+            .map(|s| &s.info)
+            .filter(|c| c.state == ChanState::Up)
+        else {
+            return false;
+        };
+        self.multi_conn()
+            || !self
+                .infos()
+                .any(|o| o.state == ChanState::Up && o.serial < c.serial)
+    }
+
+    /// Whether channel `id` may take requests now.
+    pub(crate) fn takes_requests(&self, id: usize) -> bool {
+        self.chans
+            .get(id)
+            .is_some_and(|s| s.info.health.takes_requests())
+            && self.is_active(id)
+    }
+
+    /// Whether some live sender would refuse a request (a suspect or a
+    /// reserve channel), so a single wake-up could be lost on it.
+    fn has_idle_refusers(&self) -> bool {
+        (!self.multi_conn() && self.live > 1)
+            || self
+                .infos()
+                .any(|c| c.state == ChanState::Up && !c.health.takes_requests())
     }
 
     /// Whether new requests are taken (possibly to wait for a channel).
@@ -78,6 +146,9 @@ impl Io {
 }
 
 const NSEC_PER_SEC: u64 = 1_000_000_000;
+/// At most `LOG_BURST` messages of a kind per `LOG_INTERVAL` and device.
+const LOG_INTERVAL: u64 = 5 * NSEC_PER_SEC;
+const LOG_BURST: u32 = 10;
 
 fn param_ns(p: Param) -> u64 {
     u64::from(sys::param(p)) * NSEC_PER_SEC
@@ -88,8 +159,19 @@ fn bits(mask: u64) -> impl Iterator<Item = usize> {
     (0..64).filter(move |i| mask & (1u64 << i) != 0)
 }
 
-/// A running channel, owned by the control path. Dropping it shuts the
-/// socket down, which ends both threads, and joins them.
+/// One channel id: its state and counters and, while the id is taken, the
+/// running channel. A single record, so nothing has to be kept in step.
+#[derive(Default)]
+pub(crate) struct ChanSlot {
+    pub(crate) info: ChanInfo,
+    /// Set by `IOC_ADD_SOCK` and taken again only by the control path
+    /// (under `ctl`), which drops it outside the spinlock: dropping joins
+    /// the threads.
+    run: Option<ChanHandle>,
+}
+
+/// A running channel and its threads. Dropping it shuts the socket down,
+/// which ends both threads, and joins them.
 struct ChanHandle {
     chan: Arc<Channel>,
     tx: Option<Thread>,
@@ -115,10 +197,9 @@ impl Drop for ChanHandle {
     }
 }
 
-/// State under `Device::ctl`.
-struct Ctl {
-    handles: KVec<Option<ChanHandle>>,
-}
+/// Proof that `Device::ctl` is held: it guards no data of its own, it
+/// serialises the control path (channel start and teardown, configuration).
+struct Ctl;
 
 /// Counters read by `/proc/nbdinfo`; relaxed, as they are statistics only.
 #[derive(Default)]
@@ -135,6 +216,27 @@ pub(crate) struct Stats {
     pub(crate) late_replies: AtomicU64,
 }
 
+/// How the kernel log names a request's operation.
+fn op_name(op: ReqOp) -> &'static str {
+    match op {
+        ReqOp::Read => "READ",
+        ReqOp::Write => "WRITE",
+        ReqOp::Flush => "FLUSH",
+        ReqOp::Discard => "TRIM",
+        ReqOp::WriteZeroes => "WRITE_ZEROES",
+        ReqOp::Other(_) => "unknown request",
+    }
+}
+
+/// The journal's kind of a request.
+fn kind_of(rq: &Rq) -> Kind {
+    match rq.op() {
+        ReqOp::Read => Kind::Read(rq.len()),
+        ReqOp::Write | ReqOp::Discard | ReqOp::WriteZeroes => Kind::Modify,
+        ReqOp::Flush | ReqOp::Other(_) => Kind::Other,
+    }
+}
+
 /// See `Device::snapshot`.
 pub(crate) struct Snapshot {
     pub(crate) state: DevState,
@@ -144,6 +246,7 @@ pub(crate) struct Snapshot {
     pub(crate) queued: u32,
     pub(crate) in_flight: u32,
     pub(crate) resubmits: u64,
+    pub(crate) gave_up: u64,
     pub(crate) max_channels: usize,
 }
 
@@ -181,11 +284,13 @@ pub(crate) fn header_of(rq: &Rq) -> (Request, bool) {
         // queue_rq refuses anything else before it reaches the journal.
         ReqOp::WriteZeroes | ReqOp::Other(_) => (Cmd::WriteZeroes, rq.offset(), rq.len()),
     };
-    let flags = if rq.fua() {
-        crate::wire::cmd_flags::FUA
-    } else {
-        0
-    };
+    let mut flags = 0;
+    if rq.fua() {
+        flags |= crate::wire::cmd_flags::FUA;
+    }
+    if cmd == Cmd::WriteZeroes && rq.nounmap() {
+        flags |= crate::wire::cmd_flags::NO_HOLE;
+    }
     (Request::new(cmd, flags, 0, offset, len), cmd == Cmd::Write)
 }
 
@@ -195,30 +300,29 @@ impl Device {
         for _ in 0..depth {
             slots.push(Slot::default(), GFP_KERNEL)?;
         }
+        let mut journal = Journal::new(slots);
+        journal.set_max_resubmits(sys::param(Param::MaxResubmits));
         let mut chans = KVec::with_capacity(max_channels as usize, GFP_KERNEL)?;
-        let mut links = KVec::with_capacity(max_channels as usize, GFP_KERNEL)?;
-        let mut handles = KVec::with_capacity(max_channels as usize, GFP_KERNEL)?;
         for _ in 0..max_channels {
-            chans.push(ChanInfo::default(), GFP_KERNEL)?;
-            links.push(None, GFP_KERNEL)?;
-            handles.push(None, GFP_KERNEL)?;
+            chans.push(ChanSlot::default(), GFP_KERNEL)?;
         }
         Arc::pin_init(
             pin_init!(Self {
                 index,
-                ctl <- kernel::new_mutex!(Ctl { handles }, "enbd:ctl"),
+                ctl <- kernel::new_mutex!(Ctl, "enbd:ctl"),
                 io <- kernel::new_spinlock!(Io {
                     state: DevState::Unconfigured,
                     config: Config::default(),
                     token_rejects: 0,
-                    journal: Journal::new(slots),
+                    journal,
                     chans,
-                    links,
                     live: 0,
                     applied: false,
                     waiting_since: 0,
                     epoch: 0,
                     next_serial: 0,
+                    chan_log: RateLimit::default(),
+                    gave_up_log: RateLimit::default(),
                 }, "enbd:io"),
                 work <- kernel::new_condvar!("enbd:work"),
                 idle <- kernel::new_condvar!("enbd:idle"),
@@ -245,13 +349,15 @@ impl Device {
             queued: io.journal.queued(),
             in_flight: io.journal.in_flight(),
             resubmits: io.journal.resubmits(),
+            gave_up: io.journal.gave_up(),
             max_channels: io.chans.len(),
         }
     }
 
-    /// One channel's state and counters.
-    pub(crate) fn chan_info(&self, id: usize) -> Option<ChanInfo> {
-        self.io.lock().chans.get(id).copied()
+    /// One channel's state and counters, and whether it is active.
+    pub(crate) fn chan_info(&self, id: usize) -> Option<(ChanInfo, bool)> {
+        let io = self.io.lock();
+        io.chans.get(id).map(|s| (s.info, io.is_active(id)))
     }
 
     /// Takes a new request from blk-mq. Called in atomic context.
@@ -266,18 +372,20 @@ impl Device {
             rq.end(BlkStatus::NOTSUPP);
             return;
         }
-        let read_len = if op == ReqOp::Read { rq.len() } else { 0 };
+        let kind = kind_of(&rq);
         let tag = rq.tag();
-        let (refused, wake) = {
+        let (refused, wake, all) = {
             let mut io = self.io.lock();
             if !io.accepts() {
-                (Some(rq), false)
+                (Some(rq), false, false)
             } else {
-                let r = io.journal.push(tag, rq, read_len).err().map(|(_, rq)| rq);
-                (r, io.journal.queued() > self.free_senders.load(Relaxed))
+                let r = io.journal.push(tag, rq, kind).err().map(|(_, rq)| rq);
+                let wake = io.journal.queued() > self.free_senders.load(Relaxed);
+                (r, wake, wake && io.has_idle_refusers())
             }
         };
         match refused {
+            None if all => self.work.notify_all(),
             None => {
                 if wake {
                     self.work.notify_one();
@@ -341,12 +449,51 @@ impl Device {
             Ok(Outcome::Done) => {}
             Ok(Outcome::Complete(rq, err)) => self.complete(rq, err),
             Ok(Outcome::Fail(rq)) => self.fail(rq),
-            Ok(Outcome::Requeued) => self.work.notify_one(),
+            Ok(Outcome::Requeued) => {
+                self.work.notify_all();
+                self.fail_given_up();
+            }
             Err((e, rq)) => {
                 pr_err!("enbd{}: journal refused a request: {:?}\n", self.index, e);
                 self.fail(rq);
             }
         }
+    }
+
+    /// Fails the requests that ran out of resubmissions, each with one
+    /// (rate-limited) log line.
+    pub(crate) fn fail_given_up(&self) {
+        loop {
+            let (g, log) = {
+                let mut io = self.io.lock();
+                let Some(g) = io.journal.pop_given_up() else {
+                    return;
+                };
+                let log = io.gave_up_log.allow(sys::now_ns(), LOG_INTERVAL, LOG_BURST);
+                (g, log)
+            };
+            let rq = g.payload;
+            if let Some(suppressed) = log {
+                pr_err!(
+                    "enbd{}: giving up on {} of {} bytes at offset {} after {} resubmits ({} similar messages suppressed)\n",
+                    self.index,
+                    op_name(rq.op()),
+                    rq.len(),
+                    rq.offset(),
+                    g.resubmits,
+                    suppressed
+                );
+            }
+            self.fail(rq);
+        }
+    }
+
+    /// Whether a channel up/drop message may be logged now.
+    fn chan_log(&self) -> Option<u32> {
+        self.io
+            .lock()
+            .chan_log
+            .allow(sys::now_ns(), LOG_INTERVAL, LOG_BURST)
     }
 
     /// Fails everything in the journal; held requests fail when returned.
@@ -361,19 +508,32 @@ impl Device {
     }
 
     /// A channel broke (socket error, bad reply, unknown cookie, failed
-    /// probe): roll its requests back to the queue, where the other channels,
-    /// or a replacement the helper hands in, pick them up.
-    pub(crate) fn channel_failed(&self, chan: &Channel, why: &str) {
-        {
+    /// probe, timed-out write): abort its socket, then roll its requests
+    /// back to the queue, where the other channels, or a replacement the
+    /// helper hands in, pick them up. The abort comes first, so a write is
+    /// resubmitted only once its old channel cannot deliver it (write
+    /// fencing); a reserve channel becomes active only then too.
+    pub(crate) fn channel_failed(&self, chan: &Channel, why: &'static str) {
+        // The first reason given is the one logged: the abort below makes
+        // the channel's own threads fail too, with a less telling one.
+        match self.io.lock().chan_mut(chan) {
+            Some(info) => {
+                info.condemned.get_or_insert(why);
+            }
+            None => return,
+        }
+        chan.sock.abort();
+        let why = {
             let mut io = self.io.lock();
             let Some(info) = io.chan_mut(chan) else {
                 return;
             };
+            let why = info.condemned.unwrap_or(why);
             info.state = ChanState::Dead;
             info.errors += 1;
             io.live = io.live.saturating_sub(1);
             let n = io.journal.drop_channel(chan.id);
-            if let Some(info) = io.chans.get_mut(chan.id as usize) {
+            if let Some(info) = io.info_mut(chan.id as usize) {
                 info.resubmits += u64::from(n);
             }
             if io.live == 0 && io.state == DevState::Connected {
@@ -381,14 +541,23 @@ impl Device {
                 io.waiting_since = sys::now_ns();
             }
             io.bump();
-        }
+            why
+        };
         if !why.is_empty() {
-            pr_warn!("enbd{}: channel {} dropped: {}\n", self.index, chan.id, why);
+            if let Some(suppressed) = self.chan_log() {
+                pr_warn!(
+                    "enbd{}: channel {} dropped: {} ({} similar messages suppressed)\n",
+                    self.index,
+                    chan.id,
+                    why,
+                    suppressed
+                );
+            }
         }
-        chan.sock.shutdown();
         self.work.notify_all();
         self.idle.notify_all();
         self.events.notify_all();
+        self.fail_given_up();
     }
 
     /// Periodic work, from the module's manager thread.
@@ -396,14 +565,22 @@ impl Device {
         let timeout = param_ns(Param::RequestTimeout);
         let keepalive = param_ns(Param::KeepaliveInterval);
         let dead = param_ns(Param::DeadTimeout);
-        let (stuck, silent, wake, expired) = {
+        // The serial of each channel judged here, so a channel that takes
+        // the id of one that died meanwhile is not dropped in its place.
+        let mut serials = [0u64; journal::MAX_CHANNELS];
+        let (fence, stuck, silent, wake, expired) = {
             let mut io = self.io.lock();
             if !matches!(io.state, DevState::Connected | DevState::Waiting) {
                 return;
             }
+            for (id, s) in io.chans.iter().enumerate().take(serials.len()) {
+                serials[id] = s.info.serial;
+            }
+            io.journal
+                .set_max_resubmits(sys::param(Param::MaxResubmits));
             let aged = io.journal.age(now, timeout);
             for id in bits(aged.suspects) {
-                if let Some(info) = io.chans.get_mut(id) {
+                if let Some(info) = io.info_mut(id) {
                     if info.state == ChanState::Up {
                         info.health.suspect();
                         info.spoiled += 1;
@@ -412,7 +589,7 @@ impl Device {
             }
             let mut wake = aged.rolled_back > 0 || aged.suspects != 0;
             let mut silent = 0u64;
-            for (id, info) in io.chans.iter_mut().enumerate() {
+            for (id, info) in io.chans.iter_mut().map(|s| &mut s.info).enumerate() {
                 if info.state != ChanState::Up {
                     continue;
                 }
@@ -430,22 +607,29 @@ impl Device {
                 io.state = DevState::Dead;
                 io.bump();
             }
-            (aged.stuck, silent, wake, expired)
+            (aged.fence, aged.stuck, silent, wake, expired)
         };
         if wake {
             self.work.notify_all();
         }
         for (mask, why) in [
+            (fence, "write timed out; fenced before it is resubmitted"),
             (stuck, "request timed out in mid-transfer"),
             (silent, "keep-alive unanswered"),
         ] {
             for id in bits(mask) {
-                let chan = self.io.lock().links.get(id).and_then(|l| l.clone());
+                let chan = {
+                    let io = self.io.lock();
+                    let run = io.chans.get(id).and_then(|s| s.run.as_ref());
+                    run.filter(|r| r.chan.serial == serials[id])
+                        .map(|r| r.chan.clone())
+                };
                 if let Some(chan) = chan {
                     self.channel_failed(&chan, why);
                 }
             }
         }
+        self.fail_given_up();
         if expired {
             pr_warn!(
                 "enbd{}: no channel for {} s (dead_timeout): failing I/O\n",
@@ -459,65 +643,62 @@ impl Device {
 
     /// Marks every channel dead, wakes their threads and joins them. With
     /// `disc`, each server is told NBD_CMD_DISC first.
-    fn stop_channels(&self, ctl: &mut Ctl, disc: bool) {
-        {
+    fn stop_channels(&self, _ctl: &mut Ctl, disc: bool) {
+        let n = {
             let mut io = self.io.lock();
-            for info in io.chans.iter_mut() {
-                if info.state == ChanState::Up {
-                    info.state = ChanState::Dead;
+            for s in io.chans.iter_mut() {
+                if s.info.state == ChanState::Up {
+                    s.info.state = ChanState::Dead;
                 }
             }
             io.live = 0;
-        }
+            io.chans.len()
+        };
         self.work.notify_all();
-        for id in 0..ctl.handles.len() {
-            // Dropped outside the spinlock: it may be the last reference.
-            let link = self.io.lock().links.get_mut(id).and_then(|l| l.take());
-            drop(link);
-        }
-        for slot in ctl.handles.iter_mut() {
-            match slot.take() {
+        for id in 0..n {
+            // Taken out under the spinlock, joined outside it.
+            let run = self.io.lock().chans.get_mut(id).and_then(|s| s.run.take());
+            match run {
                 Some(h) if disc => h.close_with_disc(),
                 h => drop(h),
             }
         }
         let mut io = self.io.lock();
-        for info in io.chans.iter_mut() {
-            *info = ChanInfo::default();
+        for s in io.chans.iter_mut() {
+            s.info = ChanInfo::default();
         }
         io.bump();
     }
 
     /// Undoes a channel whose threads could not all be started.
-    fn abandon(&self, chan: &Channel) {
+    fn abandon(&self, _ctl: &mut Ctl, chan: &Channel) {
         self.channel_failed(chan, "");
-        let link = {
+        let run = {
             let mut io = self.io.lock();
-            if let Some(info) = io.chans.get_mut(chan.id as usize) {
-                *info = ChanInfo::default();
-            }
-            io.links.get_mut(chan.id as usize).and_then(|l| l.take())
+            io.chans.get_mut(chan.id as usize).and_then(|s| {
+                s.info = ChanInfo::default();
+                s.run.take()
+            })
         };
-        drop(link);
+        drop(run);
     }
 
     /// Joins channels that died on their own, freeing their ids.
-    fn reap(&self, ctl: &mut Ctl) {
-        for (id, slot) in ctl.handles.iter_mut().enumerate() {
-            let link = {
+    fn reap(&self, _ctl: &mut Ctl) {
+        let n = self.io.lock().chans.len();
+        for id in 0..n {
+            let run = {
                 let mut io = self.io.lock();
                 match io.chans.get_mut(id) {
-                    Some(info) if slot.is_some() && info.state == ChanState::Dead => {
-                        *info = ChanInfo::default();
-                        io.links.get_mut(id).map(|l| l.take())
+                    Some(s) if s.run.is_some() && s.info.state == ChanState::Dead => {
+                        s.info = ChanInfo::default();
+                        s.run.take()
                     }
                     _ => None,
                 }
             };
-            if let Some(link) = link {
-                drop(link);
-                drop(slot.take());
-            }
+            // Joined outside the spinlock.
+            drop(run);
         }
     }
 
@@ -680,10 +861,12 @@ impl Device {
             (io.config, io.applied)
         };
         let sock = Socket::from_fd(sa.fd)?;
-        let id = ctl
-            .handles
+        let id = self
+            .io
+            .lock()
+            .chans
             .iter()
-            .position(|h| h.is_none())
+            .position(|s| s.run.is_none())
             .ok_or(code::ENOSPC)?;
         if !applied {
             self.apply(disk, &cfg)?;
@@ -703,13 +886,17 @@ impl Device {
             GFP_KERNEL,
         )?;
         {
-            let probe_len = cfg.size.min(512) as u32;
+            // One logical block: the server's minimum request size.
+            let probe_len = cfg.size.min(u64::from(cfg.logical_block_size())) as u32;
             let mut io = self.io.lock();
-            if let Some(info) = io.chans.get_mut(id) {
-                *info = ChanInfo::up(serial, sys::now_ns(), probe_len, sa.flags);
-            }
-            if let Some(link) = io.links.get_mut(id) {
-                *link = Some(chan.clone());
+            if let Some(s) = io.chans.get_mut(id) {
+                s.info = ChanInfo::up(serial, sys::now_ns(), probe_len, sa.flags);
+                // Threads follow below; until then the handle only owns the socket.
+                s.run = Some(ChanHandle {
+                    chan: chan.clone(),
+                    tx: None,
+                    rx: None,
+                });
             }
             io.live += 1;
             io.state = DevState::Connected;
@@ -727,7 +914,7 @@ impl Device {
         let rx = match rx {
             Ok(t) => t,
             Err(e) => {
-                self.abandon(&chan);
+                self.abandon(&mut ctl, &chan);
                 return Err(e);
             }
         };
@@ -740,38 +927,119 @@ impl Device {
         let tx = match tx {
             Ok(t) => t,
             Err(e) => {
-                self.abandon(&chan);
+                self.abandon(&mut ctl, &chan);
                 drop(rx);
                 return Err(e);
             }
         };
-        if let Some(slot) = ctl.handles.get_mut(id) {
-            *slot = Some(ChanHandle {
-                chan,
-                tx: Some(tx),
-                rx: Some(rx),
-            });
+        let unowned = {
+            let mut io = self.io.lock();
+            match io.chans.get_mut(id).and_then(|s| s.run.as_mut()) {
+                Some(run) => {
+                    run.tx = Some(tx);
+                    run.rx = Some(rx);
+                    None
+                }
+                // Only the control path, which `ctl` excludes, takes `run`.
+                None => Some((tx, rx)),
+            }
+        };
+        // Joined outside the spinlock, should it ever happen.
+        drop(unowned);
+        if let Some(suppressed) = self.chan_log() {
+            pr_info!(
+                "enbd{}: channel {} up ({} similar messages suppressed)\n",
+                self.index,
+                id,
+                suppressed
+            );
         }
-        pr_info!("enbd{}: channel {} up\n", self.index, id);
         Ok(())
     }
 
+    /// Writes back the page cache while channels carry it, without `ctl`,
+    /// so a reconnect (`IOC_ADD_SOCK`) or `IOC_EJECT` can run meanwhile.
+    /// Returns `ETIMEDOUT` once no channel was up for `request_timeout`
+    /// (the data stays queued; eject discards it), `EINTR` on a signal, and
+    /// the writeback error, if any, once everything is written.
+    fn write_back(&self, disk: DiskRef<'_>) -> Result {
+        let limit = param_ns(Param::RequestTimeout);
+        let mut no_channel_since: Option<u64> = None;
+        loop {
+            let (state, live, free) = {
+                let io = self.io.lock();
+                let free = io.journal.depth() as u32 - io.journal.len();
+                (io.state, io.live, free)
+            };
+            if matches!(state, DevState::Unconfigured | DevState::Closing) {
+                // Ejected or disconnected meanwhile.
+                return Ok(());
+            }
+            let now = sys::now_ns();
+            // A dead device fails writes at once, which also ends writeback.
+            if live > 0 || state == DevState::Dead {
+                no_channel_since = None;
+                if free > 0 {
+                    disk.start_writeback(free);
+                }
+            } else {
+                let since = *no_channel_since.get_or_insert(now);
+                if now - since >= limit {
+                    pr_warn!(
+                        "enbd{}: disconnect: cached writes cannot reach the server (no channel for {} s); eject discards them\n",
+                        self.index,
+                        limit / NSEC_PER_SEC
+                    );
+                    return Err(sys::etimedout());
+                }
+            }
+            if !disk.writeback_pending() {
+                // Nothing is dirty now, so this only collects write errors.
+                return disk.sync();
+            }
+            let mut io = self.io.lock();
+            use kernel::sync::CondVarTimeoutResult as R;
+            let woke = self
+                .idle
+                .wait_interruptible_timeout(&mut io, kernel::time::msecs_to_jiffies(100));
+            if let R::Signal { .. } = woke {
+                return Err(code::EINTR);
+            }
+        }
+    }
+
     fn ioctl_disconnect(&self, disk: DiskRef<'_>) -> Result {
-        let mut ctl = self.ctl.lock();
         if self.io.lock().state == DevState::Unconfigured {
             return Err(sys::enotconn());
         }
-        // Write back cached data while the channels still work.
-        let synced = disk.sync();
+        let synced = self.write_back(disk);
+        if let Err(e) = synced {
+            if e == sys::etimedout() || e == code::EINTR {
+                return Err(e);
+            }
+        }
+        let mut ctl = self.ctl.lock();
+        if matches!(
+            self.io.lock().state,
+            DevState::Unconfigured | DevState::Closing
+        ) {
+            // Someone else ejected or disconnected it meanwhile.
+            return Ok(());
+        }
         self.io.lock().state = DevState::Closing;
         // Let in-flight requests finish, bounded by twice the request timeout.
         let limit = u64::from(sys::param(Param::RequestTimeout)) * 2_000_000_000;
         let start = sys::now_ns();
         let mut io = self.io.lock();
         while !io.journal.is_empty() && io.live > 0 && sys::now_ns() - start < limit {
-            let _ = self
+            use kernel::sync::CondVarTimeoutResult as R;
+            let woke = self
                 .idle
                 .wait_interruptible_timeout(&mut io, kernel::time::msecs_to_jiffies(100));
+            if let R::Signal { .. } = woke {
+                // A pending signal would make every wait return at once.
+                break;
+            }
         }
         let drained = io.journal.is_empty();
         drop(io);
@@ -799,5 +1067,19 @@ impl Device {
         self.reset(&mut ctl, Some(disk));
         pr_info!("enbd{}: ejected\n", self.index);
         Ok(())
+    }
+}
+
+impl BlockDriver for Device {
+    fn queue_rq(&self, rq: Rq) {
+        Device::queue_rq(self, rq)
+    }
+
+    fn ioctl(this: ArcBorrow<'_, Self>, disk: DiskRef<'_>, cmd: u32, arg: usize) -> Result {
+        Device::ioctl(this, disk, cmd, arg)
+    }
+
+    fn shutdown(&self) {
+        Device::shutdown(self)
     }
 }

@@ -5,6 +5,8 @@
  */
 #include <linux/module.h>
 #include <linux/moduleparam.h>
+#include <linux/pagemap.h>
+#include <linux/writeback.h>
 #include "glue.h"
 
 struct enbd_int_param {
@@ -60,6 +62,8 @@ ENBD_PARAM(dead_timeout, 0, 0, 86400, 0644,
 	   "seconds requests wait for a channel before failing; 0 waits forever");
 ENBD_PARAM(keepalive_interval, 10, 0, 3600, 0644,
 	   "seconds of quiet before a channel is probed; 0 disables");
+ENBD_PARAM(max_resubmits, 8, 0, 16, 0644,
+	   "resubmissions of one request before it fails with EIO");
 
 int enbd_param(enum enbd_param_id id)
 {
@@ -78,6 +82,8 @@ int enbd_param(enum enbd_param_id id)
 		return READ_ONCE(enbd_p_dead_timeout.val);
 	case ENBD_PARAM_KEEPALIVE_INTERVAL:
 		return READ_ONCE(enbd_p_keepalive_interval.val);
+	case ENBD_PARAM_MAX_RESUBMITS:
+		return READ_ONCE(enbd_p_max_resubmits.val);
 	}
 	return 0;
 }
@@ -108,4 +114,24 @@ struct gendisk *enbd_alloc_disk(struct blk_mq_tag_set *set,
 				struct queue_limits *lim, void *queuedata)
 {
 	return blk_mq_alloc_disk(set, lim, queuedata);
+}
+
+void enbd_start_writeback(struct block_device *bdev, long nr_pages)
+{
+	struct writeback_control wbc = {
+		.sync_mode = WB_SYNC_NONE,
+		.nr_to_write = nr_pages,
+		.range_start = 0,
+		.range_end = LLONG_MAX,
+	};
+
+	filemap_fdatawrite_wbc(bdev->bd_mapping, &wbc);
+}
+
+bool enbd_writeback_pending(struct block_device *bdev)
+{
+	struct address_space *m = bdev->bd_mapping;
+
+	return mapping_tagged(m, PAGECACHE_TAG_DIRTY) ||
+	       mapping_tagged(m, PAGECACHE_TAG_WRITEBACK);
 }

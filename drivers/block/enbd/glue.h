@@ -19,6 +19,7 @@ enum enbd_param_id {
 	ENBD_PARAM_REQUEST_TIMEOUT,
 	ENBD_PARAM_DEAD_TIMEOUT,
 	ENBD_PARAM_KEEPALIVE_INTERVAL,
+	ENBD_PARAM_MAX_RESUBMITS,
 };
 
 int enbd_param(enum enbd_param_id id);
@@ -36,6 +37,17 @@ unsigned int enbd_rq_segments(struct request *rq, unsigned int skip,
 /* blk_mq_alloc_disk() is a macro with a static lock class. */
 struct gendisk *enbd_alloc_disk(struct blk_mq_tag_set *set,
 				struct queue_limits *lim, void *queuedata);
+
+/*
+ * Starts writeback of at most @nr_pages dirty pages of @bdev's page cache
+ * without waiting for any of it (WB_SYNC_NONE), so the caller never sleeps
+ * on a page a dead channel will not finish. Keeping @nr_pages within the
+ * free request slots keeps it from waiting for a tag.
+ */
+void enbd_start_writeback(struct block_device *bdev, long nr_pages);
+
+/* Whether @bdev's page cache has dirty pages or pages under writeback. */
+bool enbd_writeback_pending(struct block_device *bdev);
 
 /* Implemented in Rust (sys.rs). */
 int enbd_rust_ioctl(struct block_device *bdev, blk_mode_t mode,

@@ -25,6 +25,9 @@ mod health;
 #[path = "../../../userspace/enbd-core/src/journal.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod journal;
+#[path = "../../../userspace/enbd-core/src/ratelimit.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod ratelimit;
 #[path = "../../../userspace/enbd-core/src/uapi.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod uapi;
@@ -52,7 +55,7 @@ struct Enbd {
     // devices), then /proc, then the disks.
     _manager: Manager,
     _proc: ProcEntry<Devices>,
-    _disks: KVec<Disk>,
+    _disks: KVec<Disk<Device>>,
 }
 
 /// Lets the manager thread sleep between ticks and be stopped at once.

@@ -65,7 +65,7 @@ impl ProcShow for Devices {
     fn show(&self, out: &mut SeqWriter<'_>) -> fmt::Result {
         writeln!(
             out,
-            "# enbd {} nr_devices={} max_channels={} queue_depth={} max_sectors_kb={} request_timeout={} dead_timeout={} keepalive_interval={}",
+            "# enbd {} nr_devices={} max_channels={} queue_depth={} max_sectors_kb={} request_timeout={} dead_timeout={} keepalive_interval={} max_resubmits={}",
             crate::VERSION,
             self.0.len(),
             sys::param(Param::MaxChannels),
@@ -74,6 +74,7 @@ impl ProcShow for Devices {
             sys::param(Param::RequestTimeout),
             sys::param(Param::DeadTimeout),
             sys::param(Param::KeepaliveInterval),
+            sys::param(Param::MaxResubmits),
         )?;
         for dev in self.0.iter() {
             let s = dev.snapshot();
@@ -99,7 +100,7 @@ impl ProcShow for Devices {
             let st = &dev.stats;
             writeln!(
                 out,
-                "enbd{} stats requests={} reads={} writes={} flushes={} trims={} zeroes={} read_bytes={} written_bytes={} errors={} resubmits={} late_replies={} token_rejects={}",
+                "enbd{} stats requests={} reads={} writes={} flushes={} trims={} zeroes={} read_bytes={} written_bytes={} errors={} resubmits={} late_replies={} token_rejects={} gave_up={}",
                 i,
                 st.requests.load(Relaxed),
                 st.reads.load(Relaxed),
@@ -113,18 +114,26 @@ impl ProcShow for Devices {
                 s.resubmits,
                 st.late_replies.load(Relaxed),
                 s.token_rejects,
+                s.gave_up,
             )?;
             for id in 0..s.max_channels {
-                let Some(c) = dev.chan_info(id) else { break };
+                let Some((c, active)) = dev.chan_info(id) else {
+                    break;
+                };
                 if c.state == ChanState::Unused {
                     continue;
                 }
                 writeln!(
                     out,
-                    "enbd{} channel id={} state={} tls={} requests={} bytes={} errors={} resubmits={} spoiled={} probes={} latency_us={}",
+                    "enbd{} channel id={} state={} role={} tls={} requests={} bytes={} errors={} resubmits={} spoiled={} probes={} latency_us={}",
                     i,
                     id,
                     c.state_name(),
+                    match (c.state, active) {
+                        (ChanState::Up, true) => "active",
+                        (ChanState::Up, false) => "reserve",
+                        _ => "-",
+                    },
                     c.tls_name(),
                     c.requests,
                     c.bytes,

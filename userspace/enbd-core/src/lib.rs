@@ -9,5 +9,6 @@
 
 pub mod health;
 pub mod journal;
+pub mod ratelimit;
 pub mod uapi;
 pub mod wire;

@@ -99,6 +99,9 @@ impl DevState {
 pub enum ArgError {
     /// The block size is not a power of two in 512..=4096.
     BlockSize,
+    /// The maximum payload is below 4096 bytes or not a multiple of the
+    /// block size.
+    MaxPayload,
     /// The size is not a multiple of the block size, or too large.
     Size,
     /// Reserved bits or fields are set.
@@ -111,6 +114,9 @@ impl core::fmt::Display for ArgError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
             ArgError::BlockSize => "block size must be a power of two from 512 to 4096",
+            ArgError::MaxPayload => {
+                "maximum payload must be 0 or a multiple of the block size of at least 4096"
+            }
             ArgError::Size => "size must be a multiple of the block size and below 2^63",
             ArgError::Reserved => "reserved field set",
             ArgError::Name => "name not NUL-terminated",
@@ -248,6 +254,12 @@ impl Config {
         }
         if self.size % u64::from(bs) != 0 || self.size > i64::MAX as u64 {
             return Err(ArgError::Size);
+        }
+        // The block layer needs room for at least one page per request.
+        if self.max_payload != 0
+            && (self.max_payload < MAX_BLOCK_SIZE || self.max_payload % bs != 0)
+        {
+            return Err(ArgError::MaxPayload);
         }
         if self.reserved != 0 || self.nbd_flags > u32::from(u16::MAX) {
             return Err(ArgError::Reserved);
@@ -458,6 +470,15 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         c.reserved = 1;
         assert_eq!(c.validate(), Err(ArgError::Reserved));
+        c.reserved = 0;
+        for bad in [1, 511, 512, 4095, 4096 + 512 + 1] {
+            c.max_payload = bad;
+            assert_eq!(c.validate(), Err(ArgError::MaxPayload), "max_payload {bad}");
+        }
+        for good in [0, 4096, 4096 + 512, 1 << 25, u32::MAX - 511] {
+            c.max_payload = good;
+            assert_eq!(c.validate(), Ok(()), "max_payload {good}");
+        }
     }
 
     #[test]

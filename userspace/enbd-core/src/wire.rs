@@ -1017,4 +1017,168 @@ mod tests {
             }
         }
     }
+
+    /// Handshake magics, or anything else: arbitrary bytes alone almost never
+    /// hit a valid magic, so half the cases start with the right one.
+    fn magic_or_not(valid: u64) -> impl proptest::strategy::Strategy<Value = u64> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(valid),
+            proptest::arbitrary::any::<u64>()
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn greeting_round_trip(flags: u16) {
+            let g = Greeting { flags };
+            proptest::prop_assert_eq!(Greeting::decode(&g.encode()), Ok(g));
+        }
+
+        #[test]
+        fn option_header_round_trip(option: u32, length: u32) {
+            // Any length decodes: the caller checks it against its limit.
+            let h = OptionHeader { option, length };
+            proptest::prop_assert_eq!(OptionHeader::decode(&h.encode()), Ok(h));
+        }
+
+        #[test]
+        fn option_reply_header_round_trip(option: u32, reply: u32, length in 0..=MAX_OPTION_LEN) {
+            let h = OptionReplyHeader { option, reply, length };
+            proptest::prop_assert_eq!(OptionReplyHeader::decode(&h.encode()), Ok(h));
+        }
+
+        #[test]
+        fn option_reply_header_refuses_long_payloads(option: u32, reply: u32, length in MAX_OPTION_LEN + 1..) {
+            let h = OptionReplyHeader { option, reply, length };
+            proptest::prop_assert_eq!(
+                OptionReplyHeader::decode(&h.encode()),
+                Err(WireError::TooLong(length))
+            );
+        }
+
+        #[test]
+        fn export_name_reply_round_trip(size: u64, flags: u16) {
+            let r = ExportNameReply { size, flags };
+            proptest::prop_assert_eq!(ExportNameReply::decode(&r.encode()), Ok(r));
+        }
+
+        /// Arbitrary bytes: no panic; whatever is accepted had the right
+        /// magic and encodes back to the same bytes.
+        #[test]
+        fn handshake_decoders_take_any_bytes(
+            m1 in magic_or_not(NBDMAGIC),
+            m2 in magic_or_not(IHAVEOPT),
+            m3 in magic_or_not(OPT_REPLY_MAGIC),
+            tail: [u8; 12],
+        ) {
+            let mut b = [0u8; 20];
+            b[..8].copy_from_slice(&m1.to_be_bytes());
+            b[8..].copy_from_slice(&tail);
+            b[8..16].copy_from_slice(&m2.to_be_bytes());
+            let g: [u8; Greeting::LEN] = b[..Greeting::LEN].try_into().unwrap();
+            match Greeting::decode(&g) {
+                Ok(v) => {
+                    proptest::prop_assert!(m1 == NBDMAGIC && m2 == IHAVEOPT);
+                    proptest::prop_assert_eq!(v.encode(), g);
+                }
+                Err(e) => proptest::prop_assert!(
+                    e == WireError::BadMagic(m1) && m1 != NBDMAGIC
+                        || e == WireError::BadMagic(m2) && m1 == NBDMAGIC && m2 != IHAVEOPT,
+                    "{:?}", e
+                ),
+            }
+            b[..8].copy_from_slice(&m2.to_be_bytes());
+            b[8..].copy_from_slice(&tail);
+            let o: [u8; OptionHeader::LEN] = b[..OptionHeader::LEN].try_into().unwrap();
+            match OptionHeader::decode(&o) {
+                Ok(v) => {
+                    proptest::prop_assert_eq!(m2, IHAVEOPT);
+                    proptest::prop_assert_eq!(v.encode(), o);
+                }
+                Err(e) => {
+                    proptest::prop_assert_ne!(m2, IHAVEOPT);
+                    proptest::prop_assert_eq!(e, WireError::BadMagic(m2));
+                }
+            }
+            b[..8].copy_from_slice(&m3.to_be_bytes());
+            match OptionReplyHeader::decode(&b) {
+                Ok(v) => {
+                    proptest::prop_assert_eq!(m3, OPT_REPLY_MAGIC);
+                    proptest::prop_assert!(v.length <= MAX_OPTION_LEN);
+                    proptest::prop_assert_eq!(v.encode(), b);
+                }
+                Err(WireError::TooLong(n)) => {
+                    proptest::prop_assert_eq!(m3, OPT_REPLY_MAGIC);
+                    proptest::prop_assert!(n > MAX_OPTION_LEN);
+                }
+                Err(e) => {
+                    proptest::prop_assert_ne!(m3, OPT_REPLY_MAGIC);
+                    proptest::prop_assert_eq!(e, WireError::BadMagic(m3));
+                }
+            }
+            // No magic here: every 10 bytes are a reply.
+            let x: [u8; ExportNameReply::LEN] = b[8..18].try_into().unwrap();
+            let r = ExportNameReply::decode(&x);
+            proptest::prop_assert!(r.is_ok());
+            proptest::prop_assert_eq!(r.unwrap().encode(), x);
+        }
+
+        /// One flipped bit: in a magic it is always caught, elsewhere it
+        /// decodes to exactly the flipped value.
+        #[test]
+        fn a_flipped_bit_in_a_magic_is_always_caught(
+            flags: u16,
+            option: u32,
+            length in 0..=MAX_OPTION_LEN,
+            bit in 0usize..OptionReplyHeader::LEN * 8,
+        ) {
+            let flip = |b: &mut [u8]| b[bit / 8] ^= 1 << (bit % 8);
+            if bit < Greeting::LEN * 8 {
+                let mut g = Greeting { flags }.encode();
+                flip(&mut g);
+                match Greeting::decode(&g) {
+                    Ok(v) => {
+                        proptest::prop_assert!(bit >= 128);
+                        proptest::prop_assert_eq!(v.encode(), g);
+                    }
+                    Err(e) => {
+                        proptest::prop_assert!(bit < 128);
+                        proptest::prop_assert!(matches!(e, WireError::BadMagic(_)));
+                    }
+                }
+            }
+            if bit < OptionHeader::LEN * 8 {
+                let mut h = OptionHeader { option, length }.encode();
+                flip(&mut h);
+                match OptionHeader::decode(&h) {
+                    Ok(v) => {
+                        proptest::prop_assert!(bit >= 64);
+                        proptest::prop_assert_eq!(v.encode(), h);
+                    }
+                    Err(e) => {
+                        proptest::prop_assert!(bit < 64);
+                        proptest::prop_assert!(matches!(e, WireError::BadMagic(_)));
+                    }
+                }
+            }
+            let mut r = OptionReplyHeader { option, reply: rep::ACK, length }.encode();
+            flip(&mut r);
+            match OptionReplyHeader::decode(&r) {
+                Ok(v) => {
+                    proptest::prop_assert!(bit >= 64);
+                    proptest::prop_assert_eq!(v.encode(), r);
+                }
+                Err(WireError::TooLong(n)) => {
+                    // Only a bit of the length field can make it too long.
+                    proptest::prop_assert!(bit >= 128);
+                    let shift = (19 - bit / 8) * 8 + bit % 8;
+                    proptest::prop_assert_eq!(n, length ^ 1 << shift);
+                }
+                Err(e) => {
+                    proptest::prop_assert!(bit < 64);
+                    proptest::prop_assert!(matches!(e, WireError::BadMagic(_)));
+                }
+            }
+        }
+    }
 }
