@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use enbd_core::uapi::{self, Config, DevState, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use enbd_core::wire::tx;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::daemon::{self, State};
 use crate::ioctl::EnbdDev;
@@ -167,13 +167,23 @@ pub enum Fallback {
     AlwaysProxy,
 }
 
-impl Fallback {
-    pub fn name(self) -> &'static str {
-        match self {
-            Fallback::Error => "error",
-            Fallback::Proxy => "proxy",
-            Fallback::AlwaysProxy => "always-proxy",
-        }
+/// The option's spelling (`error`, `proxy`, `always-proxy`), as clap's
+/// `ValueEnum` derives it; the state file keeps the same strings.
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        let v = self
+            .to_possible_value()
+            .expect("no Fallback variant is skipped");
+        f.write_str(v.get_name())
+    }
+}
+
+impl std::str::FromStr for Fallback {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, false)
     }
 }
 
@@ -313,13 +323,105 @@ pub fn open_channel(
     Ok((Handoff::Plain(s), info))
 }
 
+/// The largest minimum block size the NBD spec allows (2^16).
+const NBD_MAX_MIN_BLOCK: u32 = 1 << 16;
+/// A maximum block size of 0xffffffff means "no inherent limit".
+const NBD_NO_MAX: u32 = u32::MAX;
+/// The smallest request size limit enbd can give the block layer: one page
+/// (4096 bytes on x86; below it `blk_validate_limits` warns).
+pub const MIN_MAX_PAYLOAD: u32 = 4096;
+
+/// What the device takes from the server's `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLimits {
+    /// Logical block size: the server's minimum, at least 512.
+    pub logical: u32,
+    /// Largest request payload, a multiple of `logical`; 0 for the kernel's
+    /// default (the server announced no limit, or no block sizes at all).
+    pub max_payload: u32,
+}
+
+/// Checks the server's (minimum, preferred, maximum) block sizes against the
+/// NBD spec and against what the Linux block layer can take, and derives
+/// the device's limits. Every problem found is named in the error.
+pub fn block_limits(sizes: Option<(u32, u32, u32)>, export_size: u64) -> Result<BlockLimits> {
+    let Some((min, pref, max)) = sizes else {
+        // Spec defaults: minimum 1, preferred 4096, maximum 32 MiB (which
+        // is also the kernel's default).
+        return Ok(BlockLimits {
+            logical: MIN_BLOCK_SIZE,
+            max_payload: 0,
+        });
+    };
+    let mut problems: Vec<String> = Vec::new();
+    // NBD spec (doc/proto.md, "Block size constraints").
+    if !min.is_power_of_two() || min > NBD_MAX_MIN_BLOCK {
+        problems.push(format!(
+            "minimum block size {min} is not a power of two from 1 to {NBD_MAX_MIN_BLOCK} (NBD spec)"
+        ));
+    }
+    if !pref.is_power_of_two() || pref < min.max(MIN_BLOCK_SIZE) {
+        problems.push(format!(
+            "preferred block size {pref} is not a power of two of at least {} (NBD spec)",
+            min.max(MIN_BLOCK_SIZE)
+        ));
+    }
+    if max != NBD_NO_MAX {
+        if min != 0 && max % min != 0 {
+            problems.push(format!(
+                "maximum block size {max} is not a multiple of the minimum {min} (NBD spec)"
+            ));
+        }
+        // At least the smaller of the preferred block size and the export
+        // size.
+        let floor = u64::from(pref).min(export_size);
+        if u64::from(max) < floor {
+            problems.push(format!(
+                "maximum block size {max} is below {floor}, the smaller of the preferred block size and the export size (NBD spec)"
+            ));
+        }
+    }
+    // What the Linux block layer takes.
+    let logical = min.max(MIN_BLOCK_SIZE);
+    if min > MAX_BLOCK_SIZE {
+        problems.push(format!(
+            "minimum block size {min} is above {MAX_BLOCK_SIZE} bytes, the largest logical block size Linux supports"
+        ));
+    }
+    let need = MIN_MAX_PAYLOAD.max(logical);
+    // A maximum at or above the export size limits nothing: no request can
+    // be longer than the export (the spec has clients treat the export size
+    // as the effective maximum then).
+    let unlimited = max == NBD_NO_MAX || u64::from(max) >= export_size;
+    if max < need && !unlimited {
+        problems.push(format!(
+            "maximum block size {max} is below {need} bytes, which enbd needs"
+        ));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "server announces block sizes min={min} preferred={pref} max={max}: {}",
+            problems.join("; ")
+        );
+    }
+    Ok(BlockLimits {
+        logical,
+        max_payload: if max == NBD_NO_MAX || (max < need && unlimited) {
+            0
+        } else {
+            // The spec only makes the maximum a multiple of the minimum; the
+            // kernel counts in logical blocks, so round down: still within
+            // the server's limit, and still at least `need` (which is a
+            // multiple of `logical`).
+            max - max % logical
+        },
+    })
+}
+
 /// The device configuration that follows from the negotiation.
 pub fn device_config(info: &ExportInfo, server: &str, export: &str) -> Result<Config> {
-    let (min, _pref, max) = info.block_sizes.unwrap_or((1, 4096, 0));
-    if min > MAX_BLOCK_SIZE {
-        bail!("server requires {min}-byte blocks; Linux supports at most {MAX_BLOCK_SIZE}");
-    }
-    let block_size = min.max(MIN_BLOCK_SIZE);
+    let limits = block_limits(info.block_sizes, info.size)?;
+    let block_size = limits.logical;
     let size = info.size - info.size % u64::from(block_size);
     if size != info.size {
         warn!(
@@ -332,7 +434,7 @@ pub fn device_config(info: &ExportInfo, server: &str, export: &str) -> Result<Co
         size,
         nbd_flags: u32::from(info.flags),
         block_size,
-        max_payload: if max == u32::MAX { 0 } else { max },
+        max_payload: limits.max_payload,
         server: uapi::name_field(server.as_bytes()),
         export: uapi::name_field(export.as_bytes()),
         ..Config::default()
@@ -340,6 +442,19 @@ pub fn device_config(info: &ExportInfo, server: &str, export: &str) -> Result<Co
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("server's export cannot be used: {e}"))?;
     Ok(cfg)
+}
+
+/// What `connect` says about several channels to a server without
+/// `NBD_FLAG_CAN_MULTI_CONN`: the kernel then sends requests on one channel
+/// at a time and keeps the others connected as warm reserves.
+fn multi_conn_note(channels: u32, flags: u16) -> Option<String> {
+    (channels > 1 && flags & tx::CAN_MULTI_CONN == 0).then(|| {
+        format!(
+            "server lacks CAN_MULTI_CONN: 1 active channel, {} warm reserve{}",
+            channels - 1,
+            if channels == 2 { "" } else { "s" }
+        )
+    })
 }
 
 /// Where and how a device's channels connect: given to `connect`, and kept
@@ -404,8 +519,8 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         streams.push(s);
     }
     let info = first.context("no channel")?;
-    if o.session.channels > 1 && info.flags & tx::CAN_MULTI_CONN == 0 {
-        warn!("the server does not promise consistency across connections (no CAN_MULTI_CONN)");
+    if let Some(msg) = multi_conn_note(o.session.channels, info.flags) {
+        info!("{msg}");
     }
     let server = o.session.targets[0].to_string();
     let cfg = dev.configure(&device_config(&info, &server, &o.session.export)?)?;
@@ -511,5 +626,128 @@ mod tests {
             ..info
         };
         assert!(device_config(&big, "h", "e").is_err());
+    }
+
+    fn limits(min: u32, pref: u32, max: u32) -> Result<BlockLimits> {
+        block_limits(Some((min, pref, max)), 1 << 30)
+    }
+
+    fn refusal(min: u32, pref: u32, max: u32) -> String {
+        format!("{:#}", limits(min, pref, max).unwrap_err())
+    }
+
+    #[test]
+    fn block_sizes_that_work() {
+        let l = |logical, max_payload| BlockLimits {
+            logical,
+            max_payload,
+        };
+        // No NBD_INFO_BLOCK_SIZE: 512-byte blocks, the kernel's default limit.
+        assert_eq!(block_limits(None, 1 << 30).unwrap(), l(512, 0));
+        // enbd-server, nbdkit, qemu-nbd.
+        assert_eq!(limits(1, 4096, 32 << 20).unwrap(), l(512, 32 << 20));
+        assert_eq!(limits(512, 4096, 32 << 20).unwrap(), l(512, 32 << 20));
+        // The server's minimum is the logical block size.
+        assert_eq!(limits(4096, 4096, 1 << 20).unwrap(), l(4096, 1 << 20));
+        assert_eq!(limits(1024, 1024, 8192).unwrap(), l(1024, 8192));
+        // No limit.
+        assert_eq!(limits(1, 512, u32::MAX).unwrap(), l(512, 0));
+        // A maximum that is no multiple of the logical block size is rounded
+        // down to one.
+        assert_eq!(limits(1, 4096, 5000).unwrap(), l(512, 4608));
+        // A maximum at least the export size limits nothing, however small.
+        assert_eq!(
+            block_limits(Some((512, 512, 1024)), 1024).unwrap(),
+            l(512, 0)
+        );
+        // The maximum needs only reach the export size when that is below
+        // the preferred block size.
+        assert_eq!(
+            block_limits(Some((512, 65536, 16384)), 8192).unwrap(),
+            l(512, 16384)
+        );
+    }
+
+    #[test]
+    fn block_sizes_that_are_refused() {
+        assert_eq!(
+            refusal(1, 1, 512),
+            "server announces block sizes min=1 preferred=1 max=512: \
+             preferred block size 1 is not a power of two of at least 512 (NBD spec); \
+             maximum block size 512 is below 4096 bytes, which enbd needs"
+        );
+        assert_eq!(
+            refusal(1, 512, 512),
+            "server announces block sizes min=1 preferred=512 max=512: \
+             maximum block size 512 is below 4096 bytes, which enbd needs"
+        );
+        assert_eq!(
+            refusal(8192, 8192, 1 << 20),
+            "server announces block sizes min=8192 preferred=8192 max=1048576: \
+             minimum block size 8192 is above 4096 bytes, the largest logical block size Linux supports"
+        );
+        assert!(refusal(0, 4096, 1 << 20).contains("minimum block size 0 is not a power of two"));
+        assert!(refusal(3, 4096, 3 << 20).contains("minimum block size 3 is not a power of two"));
+        assert!(refusal(1 << 17, 1 << 17, 1 << 20)
+            .contains("minimum block size 131072 is not a power of two from 1 to 65536"));
+        assert!(refusal(512, 3000, 1 << 20)
+            .contains("preferred block size 3000 is not a power of two of at least 512"));
+        assert!(refusal(2048, 1024, 1 << 20)
+            .contains("preferred block size 1024 is not a power of two of at least 2048"));
+        assert!(refusal(1024, 4096, 5000)
+            .contains("maximum block size 5000 is not a multiple of the minimum 1024"));
+        assert!(refusal(512, 65536, 8192).contains(
+            "maximum block size 8192 is below 65536, the smaller of the preferred block size and the export size"
+        ));
+        assert!(refusal(1, 4096, 0).contains("maximum block size 0 is below"));
+    }
+
+    #[test]
+    fn refused_block_sizes_fail_device_config() {
+        let info = ExportInfo {
+            size: 1 << 20,
+            flags: tx::HAS_FLAGS,
+            block_sizes: Some((1, 1, 512)),
+        };
+        let e = format!("{:#}", device_config(&info, "h", "e").unwrap_err());
+        assert!(e.contains("which enbd needs"), "{e}");
+        let info = ExportInfo {
+            block_sizes: Some((4096, 4096, 1 << 20)),
+            size: 10_000,
+            ..info
+        };
+        let c = device_config(&info, "h", "e").unwrap();
+        assert_eq!((c.block_size, c.size, c.max_payload), (4096, 8192, 1 << 20));
+    }
+
+    #[test]
+    fn multi_conn_note() {
+        assert_eq!(super::multi_conn_note(1, tx::HAS_FLAGS), None);
+        assert_eq!(
+            super::multi_conn_note(4, tx::HAS_FLAGS | tx::CAN_MULTI_CONN),
+            None
+        );
+        assert_eq!(
+            super::multi_conn_note(2, tx::HAS_FLAGS).as_deref(),
+            Some("server lacks CAN_MULTI_CONN: 1 active channel, 1 warm reserve")
+        );
+        assert_eq!(
+            super::multi_conn_note(4, tx::HAS_FLAGS).as_deref(),
+            Some("server lacks CAN_MULTI_CONN: 1 active channel, 3 warm reserves")
+        );
+    }
+
+    #[test]
+    fn fallback_names_are_the_option_values() {
+        use clap::ValueEnum as _;
+        let names: Vec<String> = Fallback::value_variants()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["error", "proxy", "always-proxy"]);
+        for f in Fallback::value_variants() {
+            assert_eq!(f.to_string().parse::<Fallback>(), Ok(*f));
+        }
+        assert!("Proxy".parse::<Fallback>().is_err());
     }
 }

@@ -102,7 +102,7 @@ impl State {
                 p(&t.cert),
                 p(&t.key),
                 t.hostname.clone().unwrap_or_default(),
-                t.fallback.name()
+                t.fallback
             );
         }
         s
@@ -123,17 +123,21 @@ impl State {
             bail!("state file lists no server");
         }
         let opt = |k: &str| get(k).ok().filter(|v| !v.is_empty()).map(str::to_owned);
-        let tls = opt("tls_ca").map(|ca| TlsOpts {
-            ca: ca.into(),
-            cert: opt("tls_cert").map(Into::into),
-            key: opt("tls_key").map(Into::into),
-            hostname: opt("tls_hostname"),
-            fallback: match opt("tls_fallback").as_deref() {
-                Some("proxy") => Fallback::Proxy,
-                Some("always-proxy") => Fallback::AlwaysProxy,
-                _ => Fallback::Error,
-            },
-        });
+        let tls = match opt("tls_ca") {
+            None => None,
+            Some(ca) => Some(TlsOpts {
+                ca: ca.into(),
+                cert: opt("tls_cert").map(Into::into),
+                key: opt("tls_key").map(Into::into),
+                hostname: opt("tls_hostname"),
+                fallback: match opt("tls_fallback") {
+                    Some(f) => f
+                        .parse()
+                        .map_err(|e: String| anyhow!("bad tls_fallback: {e}"))?,
+                    None => Fallback::Error,
+                },
+            }),
+        };
         Ok(Self {
             device: get("device")?.into(),
             session: Session {
@@ -215,27 +219,47 @@ impl Signals {
 }
 
 /// Exponential backoff between reconnection attempts.
+///
+/// A channel that dies soon after it was handed in (within
+/// [`Backoff::STABLE`]) counts as a failed attempt, so a server that accepts
+/// connections and drops them at once is retried at the backed-off pace,
+/// not in a storm. The wait starts over only once a channel handed in has
+/// stayed up for `STABLE` with all channels up.
 #[derive(Debug)]
 pub struct Backoff {
+    /// The wait after the next failure.
     next: Duration,
     max: Duration,
+    /// No attempt before this.
     at: Option<Instant>,
+    /// When the newest channel was handed in, while it is on probation.
+    fresh: Option<Instant>,
 }
 
 impl Backoff {
     const START: Duration = Duration::from_millis(100);
+    /// How long a channel must stay up before its reconnection counts as a
+    /// success.
+    pub const STABLE: Duration = Duration::from_secs(5);
 
     pub fn new(max: Duration) -> Self {
         Self {
             next: Self::START,
             max: max.max(Self::START),
             at: None,
+            fresh: None,
         }
     }
 
     /// Whether an attempt may be made now.
     pub fn ready(&self, now: Instant) -> bool {
         self.at.is_none_or(|t| now >= t)
+    }
+
+    /// How long until an attempt may be made (zero if it may now).
+    pub fn until_ready(&self, now: Instant) -> Duration {
+        self.at
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
     }
 
     /// An attempt failed: wait longer before the next one.
@@ -246,40 +270,103 @@ impl Backoff {
         d
     }
 
-    /// An attempt worked: start over.
-    pub fn reset(&mut self) {
-        self.next = Self::START;
+    /// An attempt handed a channel in. The wait does not start over yet:
+    /// the channel is on probation for `STABLE`.
+    pub fn connected(&mut self, now: Instant) {
+        self.fresh = Some(now);
+    }
+
+    /// A channel went down. If a channel was handed in less than `STABLE`
+    /// ago, that attempt counts as failed: returns how long the channel had
+    /// been up and the wait before the next attempt.
+    pub fn lost(&mut self, now: Instant) -> Option<(Duration, Duration)> {
+        let t = self.fresh.take()?;
+        let lived = now.saturating_duration_since(t);
+        (lived < Self::STABLE).then(|| (lived, self.failed(now)))
+    }
+
+    /// All channels are up: once no channel is on probation any more, the
+    /// wait starts over. Returns whether it did.
+    pub fn settle(&mut self, now: Instant) -> bool {
+        if self
+            .fresh
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::STABLE)
+        {
+            return false;
+        }
+        self.fresh = None;
         self.at = None;
+        std::mem::replace(&mut self.next, Self::START) != Self::START
     }
 }
+
+/// How long the helper sleeps in `IOC_WAIT` when nothing happens, between
+/// looks at its signals.
+const POLL: Duration = Duration::from_millis(200);
 
 /// The helper's loop. Returns when the device is disconnected or ejected.
 pub fn helper(state: &State) -> Result<()> {
     let sig = Signals::install()?;
     write_pid(&state.device, false);
     let dev = EnbdDev::open(&state.device)?;
+    let name = state.device.display();
+    let wanted = state.session.channels;
     info!(
-        "{}: helper running (pid {}), keeping {} channel(s)",
-        state.device.display(),
+        "{name}: helper running (pid {}), keeping {wanted} channel(s)",
         std::process::id(),
-        state.session.channels
     );
     let mut backoff = Backoff::new(state.session.retry_max);
-    let mut epoch = dev.status()?.epoch;
+    let st = dev.status()?;
+    let mut epoch = st.epoch;
+    // The channels the helper believes up: fewer means channels were lost.
+    let mut known = st.channels;
     let mut next_target = 0usize;
     let mut lost_at: Option<Instant> = None;
+    // SIGTERM/SIGINT asked for a disconnect, which has not happened yet.
+    let mut disconnecting = false;
+    // The last disconnect failed for want of a channel: retry it once one
+    // is up again.
+    let mut stalled = false;
+    // The device is being disconnected or ejected (by anyone).
+    let mut closing = false;
     loop {
         if sig.eject.load(Ordering::Relaxed) {
-            info!("SIGUSR2: ejecting {}", state.device.display());
+            info!("SIGUSR2: ejecting {name}");
             dev.eject()?;
             break;
         }
-        if sig.term.load(Ordering::Relaxed) {
-            info!("disconnecting {}", state.device.display());
-            dev.disconnect()?;
-            break;
+        if sig.term.swap(false, Ordering::Relaxed) {
+            disconnecting = true;
+            stalled = false;
         }
-        let st = match dev.wait(epoch, 200) {
+        if disconnecting && !stalled {
+            info!("disconnecting {name}");
+            match dev.disconnect() {
+                Ok(()) => break,
+                Err(IoctlError::NotConnected { .. }) => {
+                    info!("{name} was already disconnected");
+                    break;
+                }
+                Err(e @ IoctlError::Unflushed { .. }) => {
+                    // Never eject on our own: that would discard the data.
+                    error!(
+                        "{e}; the helper keeps the device and reconnects, and retries the \
+                         disconnect once a channel is up"
+                    );
+                    stalled = true;
+                }
+                // A signal: look at the flags again, then retry.
+                Err(IoctlError::Interrupted { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Missing channels: wake up when the next attempt is due.
+        let timeout = if known < wanted && !closing {
+            backoff.until_ready(Instant::now()).min(POLL)
+        } else {
+            POLL
+        };
+        let st = match dev.wait(epoch, u32::try_from(timeout.as_millis()).unwrap_or(200)) {
             Ok(st) => st,
             Err(IoctlError::Other { source, .. }) if source.raw_os_error() == Some(libc::EINTR) => {
                 continue
@@ -287,49 +374,64 @@ pub fn helper(state: &State) -> Result<()> {
             Err(e) => return Err(e.into()),
         };
         epoch = st.epoch;
+        closing = false;
         match DevState::from_u32(st.state) {
             Some(DevState::Unconfigured) => {
-                info!("{} was disconnected; exiting", state.device.display());
+                info!("{name} was disconnected; exiting");
                 break;
             }
-            Some(DevState::Closing) => continue,
+            Some(DevState::Closing) => {
+                closing = true;
+                continue;
+            }
             _ => {}
         }
-        if st.channels >= state.session.channels {
-            if let Some(t) = lost_at.take() {
-                info!(
-                    "{}: all {} channel(s) up again after {:.1} s",
-                    state.device.display(),
-                    state.session.channels,
-                    t.elapsed().as_secs_f64()
+        let now = Instant::now();
+        if st.channels < known {
+            if let Some((lived, d)) = backoff.lost(now) {
+                warn!(
+                    "{name}: a channel went down {:.2} s after it was handed in; counting that \
+                     as a failed attempt, next attempt in {d:?}",
+                    lived.as_secs_f64()
                 );
             }
-            backoff.reset();
+        }
+        known = st.channels;
+        if stalled && st.channels > 0 {
+            stalled = false;
             continue;
         }
-        lost_at.get_or_insert_with(Instant::now);
-        let now = Instant::now();
+        if st.channels >= wanted {
+            if let Some(t) = lost_at.take() {
+                info!(
+                    "{name}: all {wanted} channel(s) up again after {:.1} s",
+                    now.duration_since(t).as_secs_f64()
+                );
+            }
+            backoff.settle(now);
+            continue;
+        }
+        lost_at.get_or_insert(now);
         if !backoff.ready(now) {
             continue;
         }
         let t = &state.session.targets[next_target % state.session.targets.len()];
         next_target += 1;
         match reconnect(&dev, state, t) {
-            Ok(()) => info!(
-                "{}: channel to {t} reconnected ({} of {} up)",
-                state.device.display(),
-                st.channels + 1,
-                state.session.channels
-            ),
+            Ok(()) => {
+                backoff.connected(Instant::now());
+                known = st.channels + 1;
+                info!(
+                    "{name}: channel to {t} reconnected ({} of {wanted} up)",
+                    st.channels + 1,
+                );
+            }
             Err(e) => {
                 if let Some(IoctlError::BadToken { .. }) = e.downcast_ref::<IoctlError>() {
                     return Err(e.context("the device no longer accepts this helper's token"));
                 }
-                let d = backoff.failed(now);
-                warn!(
-                    "{}: reconnecting to {t} failed: {e:#}; retrying in {d:?}",
-                    state.device.display()
-                );
+                let d = backoff.failed(Instant::now());
+                warn!("{name}: reconnecting to {t} failed: {e:#}; retrying in {d:?}");
             }
         }
     }
@@ -498,6 +600,46 @@ mod tests {
     }
 
     #[test]
+    fn state_keeps_every_fallback() {
+        use clap::ValueEnum as _;
+        let mut s = State {
+            device: "/dev/enbd0".into(),
+            session: Session {
+                targets: vec!["h:1".parse().unwrap()],
+                export: String::new(),
+                channels: 1,
+                timeout: Duration::from_secs(30),
+                retry_max: Duration::from_secs(5),
+                tls: Some(TlsOpts {
+                    ca: "/ca.pem".into(),
+                    cert: Some("/c.pem".into()),
+                    key: Some("/k.pem".into()),
+                    hostname: None,
+                    fallback: Fallback::Error,
+                }),
+            },
+            size: 4096,
+            flags: 1,
+            token: [1; TOKEN_LEN],
+        };
+        for (f, name) in Fallback::value_variants()
+            .iter()
+            .zip(["error", "proxy", "always-proxy"])
+        {
+            s.session.tls.as_mut().unwrap().fallback = *f;
+            let text = s.render();
+            assert!(text.contains(&format!("\ntls_fallback={name}\n")), "{text}");
+            assert_eq!(State::parse(&text).unwrap(), s);
+        }
+        // Files written before tls_fallback existed, and a corrupt one.
+        let text = s.render().replace("tls_fallback=always-proxy\n", "");
+        let old = State::parse(&text).unwrap();
+        assert_eq!(old.session.tls.unwrap().fallback, Fallback::Error);
+        let text = s.render().replace("=always-proxy", "=sometimes");
+        assert!(State::parse(&text).is_err());
+    }
+
+    #[test]
     fn backoff_doubles_to_the_cap() {
         let mut b = Backoff::new(Duration::from_millis(500));
         let t = Instant::now();
@@ -506,7 +648,62 @@ mod tests {
         assert_eq!(waits, vec![100, 200, 400, 500, 500]);
         assert!(!b.ready(t));
         assert!(b.ready(t + Duration::from_millis(500)));
-        b.reset();
+        assert!(b.settle(t + Duration::from_millis(500)));
         assert!(b.ready(t));
+        assert_eq!(b.failed(t), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_counts_a_channel_that_dies_at_once_as_failed() {
+        // The reconnect storm: every channel handed in drops 50 ms later.
+        let mut b = Backoff::new(Duration::from_secs(5));
+        let mut now = Instant::now();
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            assert!(b.ready(now));
+            b.connected(now);
+            // All channels up for a moment: no reset while on probation.
+            assert!(!b.settle(now + Duration::from_millis(10)));
+            now += Duration::from_millis(50);
+            let (lived, d) = b.lost(now).expect("counted as a failure");
+            assert_eq!(lived, Duration::from_millis(50));
+            assert!(!b.ready(now));
+            assert_eq!(b.until_ready(now), d);
+            waits.push(d.as_millis());
+            now += d;
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    #[test]
+    fn backoff_resets_only_after_a_channel_stayed_up() {
+        let mut b = Backoff::new(Duration::from_secs(5));
+        let t = Instant::now();
+        b.failed(t);
+        b.failed(t);
+        b.failed(t);
+        let t = t + Duration::from_secs(1);
+        b.connected(t);
+        // Up for just under STABLE: still on probation.
+        assert!(!b.settle(t + Backoff::STABLE - Duration::from_millis(1)));
+        assert!(b.settle(t + Backoff::STABLE));
+        assert_eq!(b.failed(t + Backoff::STABLE), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_ignores_the_loss_of_a_settled_channel() {
+        let mut b = Backoff::new(Duration::from_secs(5));
+        let t = Instant::now();
+        // Lost with nothing handed in lately: the next attempt is at once.
+        assert_eq!(b.lost(t), None);
+        assert!(b.ready(t));
+        // Handed in, then lost after it stayed up long enough.
+        b.connected(t);
+        assert_eq!(b.lost(t + Backoff::STABLE), None);
+        assert!(b.ready(t + Backoff::STABLE));
+        // Each channel handed in is on probation once: one loss per attempt.
+        b.connected(t);
+        assert!(b.lost(t + Duration::from_millis(10)).is_some());
+        assert_eq!(b.lost(t + Duration::from_millis(20)), None);
     }
 }

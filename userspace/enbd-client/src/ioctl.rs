@@ -27,6 +27,16 @@ pub enum IoctlError {
     BadToken { path: PathBuf },
     #[error("{path}: {what}: invalid argument")]
     Invalid { path: PathBuf, what: &'static str },
+    /// `IOC_DISCONNECT` could not write back cached data: no channel to the
+    /// server came up for `request_timeout`. The data stays queued and the
+    /// device stays configured.
+    #[error(
+        "{path}: disconnect: cached writes could not reach the server (no connection); \
+         reconnect the server and retry, or discard them with 'enbd-client eject {path}'"
+    )]
+    Unflushed { path: PathBuf },
+    #[error("{path}: {what} interrupted by a signal; the device is still connected")]
+    Interrupted { path: PathBuf, what: &'static str },
     #[error("{path}: {what} failed: {source}")]
     Other {
         path: PathBuf,
@@ -128,13 +138,68 @@ impl EnbdDev {
         self.ioctl("add-sock", uapi::IOC_ADD_SOCK, Some(&mut buf))
     }
 
-    /// Graceful disconnect: in-flight requests finish, then the device resets.
+    /// Graceful disconnect: cached writes go out and in-flight requests
+    /// finish, then the device resets. Fails with [`IoctlError::Unflushed`]
+    /// when cached writes cannot reach the server (the device then stays
+    /// configured) and [`IoctlError::Interrupted`] on a signal.
     pub fn disconnect(&self) -> Result<(), IoctlError> {
         self.ioctl("disconnect", uapi::IOC_DISCONNECT, None)
+            .map_err(disconnect_error)
     }
 
     /// Fails all pending requests and releases the channels at once.
     pub fn eject(&self) -> Result<(), IoctlError> {
         self.ioctl("eject", uapi::IOC_EJECT, None)
+    }
+}
+
+/// Gives the errors only `IOC_DISCONNECT` returns their meaning.
+fn disconnect_error(e: IoctlError) -> IoctlError {
+    match e {
+        IoctlError::Other { path, what, source } => match source.raw_os_error() {
+            Some(libc::ETIMEDOUT) => IoctlError::Unflushed { path },
+            Some(libc::EINTR) => IoctlError::Interrupted { path, what },
+            _ => IoctlError::Other { path, what, source },
+        },
+        e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn other(errno: i32) -> IoctlError {
+        IoctlError::Other {
+            path: "/dev/enbd0".into(),
+            what: "disconnect",
+            source: io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[test]
+    fn disconnect_errors_explain_themselves() {
+        let e = disconnect_error(other(libc::ETIMEDOUT));
+        assert!(matches!(e, IoctlError::Unflushed { .. }));
+        assert_eq!(
+            e.to_string(),
+            "/dev/enbd0: disconnect: cached writes could not reach the server (no connection); \
+             reconnect the server and retry, or discard them with 'enbd-client eject /dev/enbd0'"
+        );
+        let e = disconnect_error(other(libc::EINTR));
+        assert_eq!(
+            e.to_string(),
+            "/dev/enbd0: disconnect interrupted by a signal; the device is still connected"
+        );
+        assert!(matches!(
+            disconnect_error(other(libc::EIO)),
+            IoctlError::Other { .. }
+        ));
+        assert!(matches!(
+            disconnect_error(IoctlError::NotConnected {
+                path: "/dev/enbd0".into()
+            }),
+            IoctlError::NotConnected { .. }
+        ));
     }
 }

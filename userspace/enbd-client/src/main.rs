@@ -51,7 +51,9 @@ enum Cmd {
         /// Export name (empty means the server's default export).
         #[arg(short, long, default_value = "")]
         export: String,
-        /// Connections to open; requests go to whichever is free.
+        /// Connections to open; requests go to whichever is free. A server
+        /// without CAN_MULTI_CONN gets 1 active channel, the others are kept
+        /// connected as warm reserves.
         #[arg(short, long, default_value_t = 1)]
         channels: u32,
         /// Seconds allowed for connecting and negotiating each channel.
@@ -78,7 +80,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "error")]
         tls_fallback: Fallback,
         /// Longest wait between reconnection attempts, in seconds (the wait
-        /// starts at 0.1 s and doubles).
+        /// starts at 0.1 s and doubles; a channel that goes down within 5 s
+        /// of being handed in counts as a failed attempt).
         #[arg(long, default_value_t = 5.0)]
         retry_max: f64,
         /// Stay in the foreground instead of forking into the background.
@@ -108,8 +111,10 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Disconnect a device cleanly: in-flight requests finish, then the
-    /// server is told NBD_CMD_DISC and the device returns to capacity 0.
+    /// Disconnect a device cleanly: cached writes go out and in-flight
+    /// requests finish, then the server is told NBD_CMD_DISC and the device
+    /// returns to capacity 0. Fails, keeping the device and its data, when
+    /// cached writes cannot reach the server.
     Disconnect {
         /// The device, for example /dev/enbd0.
         device: PathBuf,
@@ -152,9 +157,15 @@ fn render_status(text: &str, device: Option<&str>) -> Result<String> {
             match l.tag.as_deref() {
                 None => {
                     let g = |k| l.get(k).unwrap_or("-");
+                    // Without CAN_MULTI_CONN one channel is active and the
+                    // rest are warm reserves.
+                    let roles = match info.roles(dev) {
+                        Some((a, r)) if r > 0 => format!(" ({a} active, {r} reserve)"),
+                        _ => String::new(),
+                    };
                     writeln!(
                         out,
-                        "/dev/{dev}: {} size {} block {} server {} export {} flags {} channels {}",
+                        "/dev/{dev}: {} size {} block {} server {} export {} flags {} channels {}{roles}",
                         g("state"),
                         g("size"),
                         g("blksize"),
@@ -162,6 +173,22 @@ fn render_status(text: &str, device: Option<&str>) -> Result<String> {
                         g("export"),
                         g("flags"),
                         g("channels"),
+                    )?;
+                }
+                Some("channel") if l.get("id").is_some() => {
+                    // `channel 0 (active): state up, ...`
+                    let role = l.get("role").map(|r| format!(" ({r})")).unwrap_or_default();
+                    let f: Vec<String> = l
+                        .fields
+                        .iter()
+                        .filter(|(k, _)| k != "id" && k != "role")
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect();
+                    writeln!(
+                        out,
+                        "    channel {}{role}: {}",
+                        l.get("id").unwrap_or("-"),
+                        f.join(", ")
                     )?;
                 }
                 Some(tag) => {
@@ -293,5 +320,48 @@ fn main() -> ExitCode {
             eprintln!("enbd-client: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROC: &str = "# enbd 0.2.0 nr_devices=2\n\
+        enbd0 state=connected size=4096 blksize=512 flags=flush server=h:1 export=e channels=2\n\
+        enbd0 stats requests=5 errors=0 gave_up=2\n\
+        enbd0 channel id=0 state=up role=active tls=none requests=5\n\
+        enbd0 channel id=1 state=up role=reserve tls=none requests=0\n\
+        enbd1 state=unconfigured size=0\n";
+
+    #[test]
+    fn status_shows_roles_and_gave_up() {
+        let out = render_status(PROC, Some("/dev/enbd0")).unwrap();
+        assert_eq!(
+            out,
+            "enbd 0.2.0 (2 devices)\n\
+             /dev/enbd0: connected size 4096 block 512 server h:1 export e flags flush channels 2 (1 active, 1 reserve)\n    \
+             stats: requests 5, errors 0, gave_up 2\n    \
+             channel 0 (active): state up, tls none, requests 5\n    \
+             channel 1 (reserve): state up, tls none, requests 0\n"
+        );
+        let out = render_status(PROC, Some("enbd1")).unwrap();
+        assert!(out.contains("/dev/enbd1: unconfigured size 0 block -"));
+        assert!(render_status(PROC, Some("enbd7")).is_err());
+    }
+
+    #[test]
+    fn status_of_an_older_module() {
+        let old = "# enbd 0.1.0 nr_devices=1\n\
+            enbd0 state=connected channels=1\n\
+            enbd0 channel id=0 state=up tls=ktls requests=5\n\
+            enbd0 channel 1 state=up\n";
+        let out = render_status(old, None).unwrap();
+        assert!(out.contains("channels 1\n"), "{out}");
+        assert!(
+            out.contains("    channel 0: state up, tls ktls, requests 5\n"),
+            "{out}"
+        );
+        assert!(out.contains("    channel: state up\n"), "{out}");
     }
 }

@@ -79,6 +79,22 @@ impl ProcInfo {
     pub fn lines_of<'a>(&'a self, dev: &'a str) -> impl Iterator<Item = &'a Line> + 'a {
         self.lines.iter().filter(move |l| l.device == dev)
     }
+
+    /// How many of a device's channels are `role=active` and how many
+    /// `role=reserve` (a server without `CAN_MULTI_CONN`); `None` if no
+    /// channel line carries a role (an older module).
+    pub fn roles(&self, dev: &str) -> Option<(usize, usize)> {
+        let roles: Vec<&str> = self
+            .lines_of(dev)
+            .filter(|l| l.tag.as_deref() == Some("channel"))
+            .filter_map(|l| l.get("role"))
+            .collect();
+        if roles.is_empty() {
+            return None;
+        }
+        let count = |r: &str| roles.iter().filter(|&&x| x == r).count();
+        Some((count("active"), count("reserve")))
+    }
 }
 
 #[cfg(test)]
@@ -101,5 +117,23 @@ mod tests {
         assert_eq!(l[1].tag.as_deref(), Some("stats"));
         assert_eq!(l[2].tag.as_deref(), Some("channel"));
         assert_eq!(l[2].get("requests"), Some("5"));
+        assert_eq!(p.roles("enbd0"), None);
+    }
+
+    #[test]
+    fn parses_roles_and_new_fields_tolerantly() {
+        let t = "# enbd 0.2.0 nr_devices=1\n\
+                 enbd0 state=connected size=4096 blksize=512 flags=flush channels=3\n\
+                 enbd0 stats requests=5 errors=1 gave_up=1 some_future_field=7\n\
+                 enbd0 channel id=0 state=up role=active tls=none requests=5\n\
+                 enbd0 channel id=1 state=up role=reserve tls=none requests=0\n\
+                 enbd0 channel id=2 state=suspect role=reserve\n";
+        let p = ProcInfo::parse(t);
+        let l: Vec<_> = p.lines_of("enbd0").collect();
+        assert_eq!(l[1].get("gave_up"), Some("1"));
+        assert_eq!(l[2].get("role"), Some("active"));
+        assert_eq!(l[4].get("requests"), None);
+        assert_eq!(p.roles("enbd0"), Some((1, 2)));
+        assert_eq!(p.roles("enbd9"), None);
     }
 }

@@ -6,7 +6,26 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-/// An export's storage.
+/// What transmission needs from an export's storage. [`Backend`] is the real
+/// one; tests wrap it to count or hold operations.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Size in bytes, fixed when the export was opened.
+    fn size(&self) -> u64;
+    /// Where the data lives, for logs.
+    fn path(&self) -> &Path;
+    fn read_only(&self) -> bool;
+    /// The descriptor to `sendfile` read replies from.
+    fn fd(&self) -> RawFd;
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Discards a range; a hint, so "not supported" is success.
+    fn trim(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Writes zeroes to a range, punching a hole when `may_trim` allows it.
+    fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()>;
+}
+
+/// An export's storage: a regular file or a block device.
 #[derive(Debug)]
 pub struct Backend {
     file: File,
@@ -55,34 +74,9 @@ impl Backend {
         })
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    /// The descriptor to `sendfile` read replies from.
-    pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-
     #[cfg(test)]
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, off)
-    }
-
-    pub fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, off)
-    }
-
-    pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
     }
 
     fn range_ioctl(&self, req: libc::c_ulong, off: u64, len: u64) -> io::Result<()> {
@@ -106,9 +100,34 @@ impl Backend {
             Err(io::Error::last_os_error())
         }
     }
+}
 
-    /// Discards a range; a hint, so "not supported" is success.
-    pub fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+impl Storage for Backend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
         let r = if self.block_device {
             self.range_ioctl(BLKDISCARD, off, len)
         } else {
@@ -131,8 +150,7 @@ impl Backend {
         }
     }
 
-    /// Writes zeroes to a range, punching a hole when allowed and possible.
-    pub fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+    fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
         let fast = if self.block_device {
             self.range_ioctl(BLKZEROOUT, off, len)
         } else if may_trim {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use enbd_core::wire::tx;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Storage};
 
 /// Largest request payload served (and announced in `INFO_BLOCK_SIZE`).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -63,18 +63,27 @@ impl std::str::FromStr for ExportSpec {
 pub struct Export {
     name: String,
     description: String,
-    backend: Backend,
+    backend: Box<dyn Storage>,
 }
 
 impl Export {
     pub fn open(spec: &ExportSpec) -> anyhow::Result<Self> {
         let backend = Backend::open(&spec.path, spec.read_only)
             .map_err(|e| anyhow::anyhow!("export '{}': {e:#}", spec.name))?;
-        Ok(Self {
-            name: spec.name.clone(),
-            description: spec.description.clone(),
+        Ok(Self::with_storage(
+            &spec.name,
+            &spec.description,
+            Box::new(backend),
+        ))
+    }
+
+    /// An export over any storage (tests wrap a [`Backend`]).
+    pub fn with_storage(name: &str, description: &str, backend: Box<dyn Storage>) -> Self {
+        Self {
+            name: name.to_owned(),
+            description: description.to_owned(),
             backend,
-        })
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -89,8 +98,8 @@ impl Export {
         self.backend.size()
     }
 
-    pub fn backend(&self) -> &Backend {
-        &self.backend
+    pub fn backend(&self) -> &dyn Storage {
+        &*self.backend
     }
 
     /// Transmission flags announced for this export. One backing file has no

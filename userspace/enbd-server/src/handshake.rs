@@ -136,27 +136,22 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
         }
         match h.option {
             opt::STARTTLS => {
-                let refusal: Option<(u32, &[u8])> = if !payload.is_empty() {
-                    Some((rep::ERR_INVALID, b"STARTTLS takes no data"))
+                let ready: Result<&Arc<ServerConfig>, (u32, &[u8])> = if !payload.is_empty() {
+                    Err((rep::ERR_INVALID, b"STARTTLS takes no data"))
                 } else if s.is_tls() {
-                    Some((rep::ERR_INVALID, b"TLS is already on"))
-                } else if tls.mode == TlsMode::Off || !matches!(s, Link::Tcp(_)) {
-                    Some((rep::ERR_UNSUP, b"TLS is not configured on this server"))
+                    Err((rep::ERR_INVALID, b"TLS is already on"))
                 } else {
-                    None
+                    match &tls.config {
+                        Some(c) if tls.mode != TlsMode::Off && matches!(s, Link::Tcp(_)) => Ok(c),
+                        _ => Err((rep::ERR_UNSUP, b"TLS is not configured on this server")),
+                    }
                 };
-                if let Some((kind, msg)) = refusal {
-                    reply(s, h.option, kind, msg)?;
-                    continue;
-                }
-                let Some(config) = &tls.config else {
-                    reply(
-                        s,
-                        h.option,
-                        rep::ERR_UNSUP,
-                        b"TLS is not configured on this server",
-                    )?;
-                    continue;
+                let config = match ready {
+                    Ok(c) => c,
+                    Err((kind, msg)) => {
+                        reply(s, h.option, kind, msg)?;
+                        continue;
+                    }
                 };
                 reply(s, h.option, rep::ACK, &[])?;
                 upgrade(s, config)?;
@@ -245,5 +240,560 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                 reply(s, h.option, rep::ERR_UNSUP, msg.as_bytes())?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
+    use std::thread::JoinHandle;
+
+    use enbd_core::wire::{
+        decode_list_entry, tx, IHAVEOPT, MAX_OPTION_LEN, NBDMAGIC, OPT_REPLY_MAGIC,
+    };
+
+    use super::*;
+    use crate::export::{ExportSpec, MAX_PAYLOAD};
+    use crate::testutil::{pair, read_option_reply, read_rest, send_option, TempFile, PATIENCE};
+
+    const DISK_SIZE: u64 = 1 << 20;
+    const ISO_SIZE: u64 = 64 << 10;
+
+    /// Two exports: "disk" (the default, read-write, with a description)
+    /// and "iso" (read-only).
+    struct Fixture {
+        exports: Arc<Exports>,
+        _files: [TempFile; 2],
+    }
+
+    fn fixture() -> Fixture {
+        let disk = TempFile::new(DISK_SIZE, 0);
+        let iso = TempFile::new(ISO_SIZE, 0);
+        let spec = |s: String| s.parse::<ExportSpec>().unwrap();
+        let exports = Exports::open(&[
+            spec(format!("disk={},desc=the disk", disk.path().display())),
+            spec(format!("iso={},ro", iso.path().display())),
+        ])
+        .unwrap();
+        Fixture {
+            exports: Arc::new(exports),
+            _files: [disk, iso],
+        }
+    }
+
+    /// How `run` ended: the export chosen, or `None` for a close.
+    type Ended = Result<Option<String>, HandshakeError>;
+
+    fn outcome(r: Result<Outcome, HandshakeError>) -> Ended {
+        r.map(|o| match o {
+            Outcome::Transmission(e) => Some(e.name().to_owned()),
+            Outcome::Closed => None,
+        })
+    }
+
+    fn policy(mode: TlsMode, config: Option<Arc<ServerConfig>>) -> TlsPolicy {
+        TlsPolicy { mode, config }
+    }
+
+    /// Runs the handshake on one end of a socket pair; the server's end is
+    /// closed when it returns.
+    fn start(f: &Fixture, tls: TlsPolicy) -> (UnixStream, JoinHandle<Ended>) {
+        let (client, server) = pair();
+        let exports = f.exports.clone();
+        let t = std::thread::spawn(move || {
+            let mut link = Link::Unix(server);
+            outcome(run(&mut link, &exports, &tls))
+        });
+        (client, t)
+    }
+
+    /// Reads the greeting, checks it, and answers with `cflags`.
+    fn greet(c: &mut (impl Read + Write), cflags: u32) {
+        let mut g = [0u8; Greeting::LEN];
+        c.read_exact(&mut g).unwrap();
+        assert_eq!(
+            Greeting::decode(&g),
+            Ok(Greeting {
+                flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES
+            })
+        );
+        c.write_all(&cflags.to_be_bytes()).unwrap();
+    }
+
+    const FIXED: u32 = handshake::C_FIXED_NEWSTYLE;
+
+    /// Open connection past the greeting, speaking fixed newstyle.
+    fn open(f: &Fixture, tls: TlsPolicy) -> (UnixStream, JoinHandle<Ended>) {
+        let (mut c, t) = start(f, tls);
+        greet(&mut c, FIXED | handshake::C_NO_ZEROES);
+        (c, t)
+    }
+
+    fn off() -> TlsPolicy {
+        policy(TlsMode::Off, None)
+    }
+
+    /// Sends an option and expects a single reply of type `kind`.
+    fn expect(c: &mut (impl Read + Write), option: u32, payload: &[u8], kind: u32) -> Vec<u8> {
+        send_option(c, option, payload);
+        let (h, p) = read_option_reply(c);
+        assert_eq!(
+            (h.option, h.reply),
+            (option, kind),
+            "{} answered {}: {}",
+            opt::name(option),
+            rep::describe(h.reply),
+            String::from_utf8_lossy(&p)
+        );
+        p
+    }
+
+    fn go_payload(name: &[u8], infos: &[u16]) -> Vec<u8> {
+        let mut b = vec![0u8; 6 + name.len() + 2 * infos.len()];
+        let n = GoRequest::encode(name, infos, &mut b).unwrap();
+        b.truncate(n);
+        b
+    }
+
+    /// Ends the handshake with ABORT and checks it closed.
+    fn abort(mut c: UnixStream, t: JoinHandle<Ended>) {
+        expect(&mut c, opt::ABORT, &[], rep::ACK);
+        assert_eq!(t.join().unwrap().unwrap(), None);
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    fn disk_flags() -> u16 {
+        tx::HAS_FLAGS
+            | tx::SEND_FLUSH
+            | tx::SEND_FUA
+            | tx::SEND_TRIM
+            | tx::SEND_WRITE_ZEROES
+            | tx::CAN_MULTI_CONN
+    }
+
+    #[test]
+    fn greeting_announces_fixed_newstyle_and_no_zeroes() {
+        let f = fixture();
+        let (mut c, t) = start(&f, off());
+        let mut g = [0u8; Greeting::LEN];
+        c.read_exact(&mut g).unwrap();
+        assert_eq!(&g[..8], &NBDMAGIC.to_be_bytes());
+        assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3);
+        drop(c);
+        assert!(matches!(t.join().unwrap(), Err(HandshakeError::Io(_))));
+    }
+
+    #[test]
+    fn a_client_without_fixed_newstyle_is_closed() {
+        let f = fixture();
+        for cflags in [0, handshake::C_NO_ZEROES] {
+            let (mut c, t) = start(&f, off());
+            greet(&mut c, cflags);
+            assert!(matches!(
+                t.join().unwrap(),
+                Err(HandshakeError::NotFixed(x)) if x == cflags
+            ));
+            assert!(read_rest(&mut c).is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_client_flags_close() {
+        let f = fixture();
+        let (mut c, t) = start(&f, off());
+        greet(&mut c, FIXED | 1 << 2);
+        assert!(matches!(
+            t.join().unwrap(),
+            Err(HandshakeError::UnknownFlags(5))
+        ));
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    #[test]
+    fn export_name_sends_size_flags_and_124_zeroes() {
+        let f = fixture();
+        let (mut c, t) = start(&f, off());
+        greet(&mut c, FIXED);
+        send_option(&mut c, opt::EXPORT_NAME, b"disk");
+        assert_eq!(t.join().unwrap().unwrap().as_deref(), Some("disk"));
+        let rest = read_rest(&mut c);
+        assert_eq!(rest.len(), ExportNameReply::LEN + ExportNameReply::ZEROES);
+        let r = ExportNameReply::decode(rest[..10].try_into().unwrap()).unwrap();
+        assert_eq!((r.size, r.flags), (DISK_SIZE, disk_flags()));
+        assert!(rest[10..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn export_name_with_no_zeroes_and_the_default_export() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        // The empty name is the first export.
+        send_option(&mut c, opt::EXPORT_NAME, b"");
+        assert_eq!(t.join().unwrap().unwrap().as_deref(), Some("disk"));
+        let rest = read_rest(&mut c);
+        assert_eq!(rest.len(), ExportNameReply::LEN, "no zeroes");
+        let r = ExportNameReply::decode(rest[..].try_into().unwrap()).unwrap();
+        assert_eq!(r.size, DISK_SIZE);
+        // A read-only export says so.
+        let (mut c, t) = open(&f, off());
+        send_option(&mut c, opt::EXPORT_NAME, b"iso");
+        assert_eq!(t.join().unwrap().unwrap().as_deref(), Some("iso"));
+        let rest = read_rest(&mut c);
+        let r = ExportNameReply::decode(rest[..].try_into().unwrap()).unwrap();
+        assert_eq!((r.size, r.flags), (ISO_SIZE, disk_flags() | tx::READ_ONLY));
+    }
+
+    #[test]
+    fn export_name_of_an_unknown_export_closes() {
+        // The protocol has no error reply for EXPORT_NAME.
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        send_option(&mut c, opt::EXPORT_NAME, b"nope");
+        assert_eq!(t.join().unwrap().unwrap(), None);
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    #[test]
+    fn go_answers_every_info_request_then_enters_transmission() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        let infos = [info::BLOCK_SIZE, info::NAME, info::DESCRIPTION, 77];
+        send_option(&mut c, opt::GO, &go_payload(b"disk", &infos));
+        let mut got = Vec::new();
+        loop {
+            let (h, p) = read_option_reply(&mut c);
+            assert_eq!(h.option, opt::GO);
+            if h.reply == rep::ACK {
+                assert!(p.is_empty());
+                break;
+            }
+            assert_eq!(h.reply, rep::INFO);
+            got.push(p);
+        }
+        let got: Vec<Info<'_>> = got.iter().map(|p| Info::decode(p).unwrap()).collect();
+        assert_eq!(
+            got,
+            [
+                Info::Export {
+                    size: DISK_SIZE,
+                    flags: disk_flags()
+                },
+                Info::BlockSize {
+                    min: 1,
+                    preferred: 4096,
+                    max: MAX_PAYLOAD
+                },
+                Info::Name(b"disk"),
+                Info::Description(b"the disk"),
+            ],
+            "unknown info types are skipped"
+        );
+        assert_eq!(t.join().unwrap().unwrap().as_deref(), Some("disk"));
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    #[test]
+    fn info_answers_without_ending_the_handshake() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        let p = expect(&mut c, opt::INFO, &go_payload(b"iso", &[]), rep::INFO);
+        assert_eq!(
+            Info::decode(&p),
+            Ok(Info::Export {
+                size: ISO_SIZE,
+                flags: disk_flags() | tx::READ_ONLY
+            })
+        );
+        let (h, _) = read_option_reply(&mut c);
+        assert_eq!((h.option, h.reply), (opt::INFO, rep::ACK));
+        // INFO with no data at all is malformed; the handshake goes on.
+        expect(&mut c, opt::INFO, &[], rep::ERR_INVALID);
+        // Then GO on the default export.
+        expect(&mut c, opt::GO, &go_payload(b"", &[]), rep::INFO);
+        let (h, _) = read_option_reply(&mut c);
+        assert_eq!(h.reply, rep::ACK);
+        assert_eq!(t.join().unwrap().unwrap().as_deref(), Some("disk"));
+    }
+
+    #[test]
+    fn go_and_info_on_an_unknown_export_get_err_unknown() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        for o in [opt::GO, opt::INFO] {
+            let msg = expect(&mut c, o, &go_payload(b"nope", &[]), rep::ERR_UNKNOWN);
+            assert_eq!(msg, b"no export named 'nope'");
+        }
+        abort(c, t);
+    }
+
+    #[test]
+    fn malformed_go_and_info_get_err_invalid() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        let good = go_payload(b"disk", &[info::NAME]);
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let short = &good[..good.len() - 1];
+        let huge_name = [0xff, 0xff, 0xff, 0xff, 0, 0];
+        for (o, p) in [
+            (opt::GO, &trailing[..]),
+            (opt::GO, short),
+            (opt::INFO, &huge_name[..]),
+            (opt::GO, &[0, 0, 0][..]),
+        ] {
+            expect(&mut c, o, p, rep::ERR_INVALID);
+        }
+        abort(c, t);
+    }
+
+    #[test]
+    fn list_names_every_export() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        send_option(&mut c, opt::LIST, &[]);
+        let mut names = Vec::new();
+        loop {
+            let (h, p) = read_option_reply(&mut c);
+            assert_eq!(h.option, opt::LIST);
+            if h.reply == rep::ACK {
+                break;
+            }
+            assert_eq!(h.reply, rep::SERVER);
+            let (name, desc) = decode_list_entry(&p).unwrap();
+            assert!(desc.is_empty());
+            names.push(String::from_utf8(name.to_vec()).unwrap());
+        }
+        assert_eq!(names, ["disk", "iso"]);
+        expect(&mut c, opt::LIST, b"x", rep::ERR_INVALID);
+        abort(c, t);
+    }
+
+    #[test]
+    fn abort_is_acknowledged_and_closes() {
+        let f = fixture();
+        let (c, t) = open(&f, off());
+        abort(c, t);
+    }
+
+    #[test]
+    fn unknown_options_get_err_unsup_and_the_handshake_goes_on() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        for (o, p) in [
+            (opt::STRUCTURED_REPLY, &b""[..]),
+            (4, b""),
+            (9, b"ctx"),
+            (11, b""),
+            (999, b"abc"),
+            (u32::MAX, b""),
+        ] {
+            expect(&mut c, o, p, rep::ERR_UNSUP);
+        }
+        expect(&mut c, opt::GO, &go_payload(b"disk", &[]), rep::INFO);
+        let (h, _) = read_option_reply(&mut c);
+        assert_eq!(h.reply, rep::ACK);
+        assert_eq!(t.join().unwrap().unwrap().as_deref(), Some("disk"));
+    }
+
+    #[test]
+    fn an_option_payload_over_the_limit_closes() {
+        let f = fixture();
+        // Exactly the limit is read (and LIST refuses the data)...
+        let (mut c, t) = open(&f, off());
+        expect(
+            &mut c,
+            opt::LIST,
+            &vec![0u8; MAX_OPTION_LEN as usize],
+            rep::ERR_INVALID,
+        );
+        abort(c, t);
+        // ...one byte more closes without reading it.
+        let (mut c, t) = open(&f, off());
+        let h = OptionHeader {
+            option: opt::INFO,
+            length: MAX_OPTION_LEN + 1,
+        };
+        c.write_all(&h.encode()).unwrap();
+        assert!(matches!(
+            t.join().unwrap(),
+            Err(HandshakeError::TooLarge(n)) if n == MAX_OPTION_LEN + 1
+        ));
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    #[test]
+    fn a_bad_option_magic_closes() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        let mut h = OptionHeader {
+            option: opt::GO,
+            length: 0,
+        }
+        .encode();
+        h[..8].copy_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+        c.write_all(&h).unwrap();
+        assert!(matches!(
+            t.join().unwrap(),
+            Err(HandshakeError::Protocol(wire::WireError::BadMagic(m))) if m == OPT_REPLY_MAGIC
+        ));
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    #[test]
+    fn eof_inside_an_option_is_an_error() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        let h = OptionHeader {
+            option: opt::GO,
+            length: 10,
+        };
+        c.write_all(&h.encode()).unwrap();
+        c.write_all(b"abc").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(matches!(t.join().unwrap(), Err(HandshakeError::Io(_))));
+    }
+
+    #[test]
+    fn starttls_without_tls_is_err_unsup() {
+        let f = fixture();
+        let (mut c, t) = open(&f, off());
+        let msg = expect(&mut c, opt::STARTTLS, &[], rep::ERR_UNSUP);
+        assert_eq!(msg, b"TLS is not configured on this server");
+        // Data is refused before anything else is looked at.
+        expect(&mut c, opt::STARTTLS, b"x", rep::ERR_INVALID);
+        abort(c, t);
+    }
+
+    #[test]
+    fn tls_required_refuses_plaintext_options_with_err_tls_reqd() {
+        let f = fixture();
+        let (server_cfg, _) = tls_configs();
+        let (mut c, t) = open(&f, policy(TlsMode::Require, Some(server_cfg)));
+        for (o, p) in [
+            (opt::GO, go_payload(b"disk", &[])),
+            (opt::INFO, go_payload(b"disk", &[])),
+            (opt::LIST, Vec::new()),
+            (opt::STRUCTURED_REPLY, Vec::new()),
+            (999, b"abc".to_vec()),
+        ] {
+            let msg = expect(&mut c, o, &p, rep::ERR_TLS_REQD);
+            assert_eq!(msg, b"TLS is required: use NBD_OPT_STARTTLS");
+        }
+        // TLS applies to TCP only: on a unix socket STARTTLS is unsupported.
+        expect(&mut c, opt::STARTTLS, &[], rep::ERR_UNSUP);
+        abort(c, t);
+    }
+
+    #[test]
+    fn tls_required_closes_a_plaintext_export_name() {
+        let f = fixture();
+        let (mut c, t) = open(&f, policy(TlsMode::Require, None));
+        send_option(&mut c, opt::EXPORT_NAME, b"disk");
+        assert_eq!(t.join().unwrap().unwrap(), None);
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    /// The handshake on a TCP connection from 127.0.0.1; returns the client
+    /// end and how `run` ended, plus whether the link was TLS by then.
+    fn start_tcp(f: &Fixture, tls: TlsPolicy) -> (TcpStream, JoinHandle<(Ended, bool)>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let exports = f.exports.clone();
+        let t = std::thread::spawn(move || {
+            let mut link = Link::Tcp(s);
+            let r = outcome(run(&mut link, &exports, &tls));
+            (r, link.is_tls())
+        });
+        (c, t)
+    }
+
+    #[test]
+    fn starttls_on_tcp_without_a_certificate_or_with_tls_off_is_err_unsup() {
+        let f = fixture();
+        let (server_cfg, _) = tls_configs();
+        for tls in [
+            policy(TlsMode::Allow, None),
+            policy(TlsMode::Off, Some(server_cfg)),
+        ] {
+            let (mut c, t) = start_tcp(&f, tls);
+            greet(&mut c, FIXED);
+            let msg = expect(&mut c, opt::STARTTLS, &[], rep::ERR_UNSUP);
+            assert_eq!(msg, b"TLS is not configured on this server");
+            expect(&mut c, opt::ABORT, &[], rep::ACK);
+            let (ended, is_tls) = t.join().unwrap();
+            assert_eq!((ended.unwrap(), is_tls), (None, false));
+        }
+    }
+
+    /// A self-signed certificate for "localhost": server and client configs.
+    fn tls_configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("enbd-server-tls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let server = enbd_tls::server_config(&cert, &key, None).unwrap();
+        let client = enbd_tls::client_config(&cert, None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        (server, client)
+    }
+
+    #[test]
+    fn starttls_upgrades_and_the_handshake_goes_on_inside_tls() {
+        let f = fixture();
+        let (server_cfg, client_cfg) = tls_configs();
+        let (mut c, t) = start_tcp(&f, policy(TlsMode::Require, Some(server_cfg)));
+        greet(&mut c, FIXED | handshake::C_NO_ZEROES);
+        // Plaintext GO is refused, STARTTLS acknowledged.
+        expect(
+            &mut c,
+            opt::GO,
+            &go_payload(b"disk", &[]),
+            rep::ERR_TLS_REQD,
+        );
+        assert!(expect(&mut c, opt::STARTTLS, &[], rep::ACK).is_empty());
+        let name = enbd_tls::server_name("localhost").unwrap();
+        let mut tls =
+            rustls::StreamOwned::new(rustls::ClientConnection::new(client_cfg, name).unwrap(), c);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        // Inside TLS: a second STARTTLS is invalid, and GO now works.
+        let msg = expect(&mut tls, opt::STARTTLS, &[], rep::ERR_INVALID);
+        assert_eq!(msg, b"TLS is already on");
+        let p = expect(&mut tls, opt::GO, &go_payload(b"iso", &[]), rep::INFO);
+        assert!(matches!(
+            Info::decode(&p),
+            Ok(Info::Export { size: ISO_SIZE, .. })
+        ));
+        let (h, _) = read_option_reply(&mut tls);
+        assert_eq!(h.reply, rep::ACK);
+        let (ended, is_tls) = t.join().unwrap();
+        assert_eq!(ended.unwrap().as_deref(), Some("iso"));
+        assert!(is_tls);
+    }
+
+    #[test]
+    fn a_failed_tls_handshake_is_an_error() {
+        let f = fixture();
+        let (server_cfg, _) = tls_configs();
+        let (mut c, t) = start_tcp(&f, policy(TlsMode::Allow, Some(server_cfg)));
+        greet(&mut c, FIXED);
+        expect(&mut c, opt::STARTTLS, &[], rep::ACK);
+        // Not a TLS ClientHello.
+        c.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5])
+            .unwrap();
+        let (ended, is_tls) = t.join().unwrap();
+        assert!(matches!(ended, Err(HandshakeError::Tls(_))), "{ended:?}");
+        assert!(!is_tls);
     }
 }

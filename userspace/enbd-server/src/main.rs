@@ -4,6 +4,8 @@ mod backend;
 mod export;
 mod handshake;
 mod link;
+#[cfg(test)]
+mod testutil;
 mod transmission;
 
 use std::net::{TcpListener, TcpStream};
@@ -101,10 +103,14 @@ fn serve_tls(
         }
         Err(e) => {
             warn!(%peer, "{e}; serving this connection through a userspace TLS proxy");
+            // Write fencing watches the TCP socket itself for the client's
+            // hang-up: the proxy may still hold requests sent before it. The
+            // duplicate keeps the descriptor valid until serving ends.
+            let watch = sock.try_clone()?;
             let (mut inner, _pump) =
                 enbd_tls::proxy::spawn(rustls::Connection::Server(conn), sock)?;
             let fd = inner.as_raw_fd();
-            transmission::serve(&mut inner, fd, export, shared.workers)
+            transmission::serve_watching(&mut inner, fd, watch.as_raw_fd(), export, shared.workers)
         }
     }
 }
@@ -135,7 +141,13 @@ fn handle(mut s: Link, peer: String, shared: Arc<Shared>) {
         Link::Upgrading => return,
     };
     match served {
-        Ok(st) => info!(%peer, requests = st.requests, refused = st.errors, "disconnected"),
+        Ok(st) => info!(
+            %peer,
+            requests = st.requests,
+            refused = st.errors,
+            dropped = st.dropped,
+            "disconnected"
+        ),
         Err(e) => warn!(%peer, "connection closed: {e}"),
     }
 }

@@ -2,10 +2,19 @@
 //! thread and executed by a small pool of workers, so one slow request does
 //! not hold up the others. Replies go out under a lock in completion order;
 //! read data is sent with `sendfile` straight from the backing file.
+//!
+//! # Write fencing
+//!
+//! A request read from a connection that has since died is never executed.
+//! A client that gives up on a connection (enbd does after `request_timeout`)
+//! shuts it down and may send the same WRITE again on another connection; if
+//! this server executed the stale copy later, after a newer write to the same
+//! blocks, the old data would come back. [`Conn`] enforces the rule.
 
 use std::io::{self, Read};
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use enbd_core::wire::{cmd_flags, errno, Cmd, Request, SimpleReply};
 use tracing::{debug, warn};
@@ -83,14 +92,134 @@ struct Job {
     payload: Vec<u8>,
 }
 
+/// Whether a command changes the export's data: what fencing is about.
+fn modifies(cmd: Cmd) -> bool {
+    matches!(cmd, Cmd::Write | Cmd::Trim | Cmd::WriteZeroes)
+}
+
+/// Whether the peer has closed or shut down its side, or the socket has
+/// failed, even if requests it sent before are still unread in the buffer.
+fn peer_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// The connection is being served.
+const OPEN: u8 = 0;
+/// `NBD_CMD_DISC` was read: every request read before it is executed.
+const CLOSING: u8 = 1;
+/// The connection died: no request that has not started yet is executed.
+const DEAD: u8 = 2;
+
+/// One connection's liveness, shared by its reader and workers: the
+/// write-fencing rule is enforced here.
+///
+/// * The connection is dead once its reader meets EOF without
+///   `NBD_CMD_DISC`, a read error or a protocol violation, or once a reply
+///   cannot be sent ([`Conn::kill`]).
+/// * Each worker calls [`Conn::admit`] right before it starts a request: a
+///   dead connection's requests are dropped, unanswered, without touching
+///   the backend. The check is one atomic load, plus a non-blocking
+///   `poll(2)` before a WRITE, TRIM or WRITE_ZEROES (see next point).
+/// * The reader can learn of the death late: requests the client sent
+///   before it hung up are still read from the socket buffer, and the reader
+///   may be blocked on a full queue. So before a WRITE, TRIM or WRITE_ZEROES
+///   the worker also asks the socket whether the peer has hung up
+///   (`POLLRDHUP`). If it has, the request is parked until the reader has
+///   read the rest of the stream, which is then finite: EOF kills the
+///   connection and drops what is parked; `NBD_CMD_DISC`, after which the
+///   protocol wants every earlier request handled, runs it.
+///
+/// A request that has started when the connection dies is finished (its
+/// reply is lost): the server cannot take back a write in progress.
+struct Conn {
+    fd: RawFd,
+    state: AtomicU8,
+    /// Modifying requests seen after the peer hung up, awaiting the verdict.
+    /// State changes happen under this lock, so nothing is parked after it.
+    parked: Mutex<Vec<Job>>,
+    /// Requests read but never started because the connection died.
+    dropped: AtomicU64,
+}
+
+impl Conn {
+    fn new(fd: RawFd) -> Self {
+        Self {
+            fd,
+            state: AtomicU8::new(OPEN),
+            parked: Mutex::new(Vec::new()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Job>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_dead(&self) -> bool {
+        self.state.load(Ordering::Acquire) == DEAD
+    }
+
+    /// Called right before a job starts: the job back if it may run now.
+    fn admit(&self, job: Job) -> Option<Job> {
+        match self.state.load(Ordering::Acquire) {
+            OPEN if !modifies(job.cmd) || !peer_hung_up(self.fd) => Some(job),
+            CLOSING => Some(job),
+            _ => self.park(job),
+        }
+    }
+
+    fn park(&self, job: Job) -> Option<Job> {
+        let mut parked = self.lock();
+        match self.state.load(Ordering::Acquire) {
+            OPEN => parked.push(job),
+            CLOSING => return Some(job),
+            _ => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    /// The connection died: drop what is parked and whatever is not started.
+    /// After `NBD_CMD_DISC` the requests before it still run.
+    fn kill(&self) {
+        let mut parked = self.lock();
+        if self.state.load(Ordering::Acquire) == CLOSING {
+            return;
+        }
+        self.state.store(DEAD, Ordering::Release);
+        self.dropped
+            .fetch_add(parked.len() as u64, Ordering::Relaxed);
+        parked.clear();
+    }
+
+    /// `NBD_CMD_DISC` was read: every request before it runs. Returns the
+    /// parked ones, to be queued again.
+    fn closing(&self) -> Vec<Job> {
+        let mut parked = self.lock();
+        if self.state.load(Ordering::Acquire) == DEAD {
+            return Vec::new();
+        }
+        self.state.store(CLOSING, Ordering::Release);
+        std::mem::take(&mut *parked)
+    }
+}
+
 /// Checks a request against the export. `Err` is the NBD error to reply.
 fn validate(req: &Request, export: &Export) -> Result<Cmd, u32> {
     let cmd = req.command().ok_or(errno::EINVAL)?;
+    // With SEND_FUA announced, the protocol has servers accept FUA on every
+    // command, ignoring it where nothing is written.
     let allowed = match cmd {
-        Cmd::Write => cmd_flags::FUA,
         Cmd::WriteZeroes => cmd_flags::FUA | cmd_flags::NO_HOLE,
-        Cmd::Trim => cmd_flags::FUA,
-        _ => 0,
+        _ => cmd_flags::FUA,
     };
     if req.flags & !allowed != 0 {
         return Err(errno::EINVAL);
@@ -132,7 +261,7 @@ fn execute(job: Job, export: &Export, out: &Writer) -> io::Result<()> {
         flags,
         ..
     } = job.req;
-    let fua = flags & cmd_flags::FUA != 0;
+    let fua = flags & cmd_flags::FUA != 0 && modifies(job.cmd);
     let result = match job.cmd {
         Cmd::Read => return out.reply_read(cookie, b.fd(), offset, length),
         Cmd::Write => b.write_at(&job.payload, offset),
@@ -173,6 +302,70 @@ fn discard(s: &mut impl Read, mut len: u64) -> io::Result<()> {
 pub struct ConnStats {
     pub requests: u64,
     pub errors: u64,
+    /// Requests read but never executed because the connection died.
+    pub dropped: u64,
+}
+
+/// How the request stream ended.
+enum End {
+    /// EOF where a request would start, without `NBD_CMD_DISC`.
+    Eof,
+    /// `NBD_CMD_DISC`.
+    Disc,
+}
+
+/// Reads requests until the stream ends, refusing invalid ones itself and
+/// queueing the rest for the workers.
+fn read_requests(
+    stream: &mut impl Read,
+    export: &Export,
+    out: &Writer,
+    conn: &Conn,
+    tx: &crossbeam_channel::Sender<Job>,
+    stats: &mut ConnStats,
+) -> io::Result<End> {
+    loop {
+        let mut hb = [0u8; Request::LEN];
+        match stream.read_exact(&mut hb) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(End::Eof),
+            Err(e) => return Err(e),
+        }
+        let req = match Request::decode(&hb) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("closing connection: {e}");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            }
+        };
+        if conn.is_dead() {
+            // A reply failed; the socket is shut down and nothing read from
+            // it runs any more.
+            return Ok(End::Eof);
+        }
+        stats.requests += 1;
+        let checked = validate(&req, export);
+        let payload_len = u64::from(req.payload_len());
+        match checked {
+            Ok(Cmd::Disc) => return Ok(End::Disc),
+            Ok(cmd) => {
+                let mut payload = Vec::new();
+                if cmd == Cmd::Write {
+                    payload = vec![0u8; payload_len as usize];
+                    stream.read_exact(&mut payload)?;
+                }
+                if tx.send(Job { req, cmd, payload }).is_err() {
+                    return Err(io::Error::other("no worker left"));
+                }
+            }
+            Err(error) => {
+                stats.errors += 1;
+                debug!(?req, error, "refused");
+                discard(stream, payload_len)?;
+                out.reply(req.cookie, error)?;
+            }
+        }
+    }
 }
 
 /// Serves requests on `stream` (whose raw descriptor is `fd`) until the
@@ -183,72 +376,533 @@ pub fn serve(
     export: Arc<Export>,
     workers: usize,
 ) -> io::Result<ConnStats> {
+    serve_watching(stream, fd, fd, export, workers)
+}
+
+/// [`serve`], with `peer_fd` the socket whose hang-up fencing watches when
+/// it is not `fd` itself: the TCP socket behind a userspace TLS proxy, which
+/// may still hold requests the client sent before it hung up.
+pub fn serve_watching(
+    stream: &mut impl Read,
+    fd: RawFd,
+    peer_fd: RawFd,
+    export: Arc<Export>,
+    workers: usize,
+) -> io::Result<ConnStats> {
     let out = Arc::new(Writer {
         fd,
         lock: Mutex::new(()),
     });
+    let conn = Arc::new(Conn::new(peer_fd));
     let (tx, rx) = crossbeam_channel::bounded::<Job>(workers * 8);
     let mut pool = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (rx, out, export) = (rx.clone(), out.clone(), export.clone());
+        let (rx, out, conn, export) = (rx.clone(), out.clone(), conn.clone(), export.clone());
         pool.push(std::thread::spawn(move || {
+            // A worker keeps taking jobs after the connection died, dropping
+            // them, so the reader is never stuck on a full queue.
             for job in rx.iter() {
+                // Fencing: the liveness check right before the request starts.
+                let Some(job) = conn.admit(job) else {
+                    continue;
+                };
                 if let Err(e) = execute(job, &export, &out) {
                     debug!("reply failed: {e}");
+                    conn.kill();
                     // SAFETY: shutting down our own socket makes the reader stop.
                     unsafe { libc::shutdown(out.fd, libc::SHUT_RDWR) };
-                    break;
                 }
             }
         }));
     }
+    drop(rx);
     let mut stats = ConnStats::default();
-    let result = (|| -> io::Result<()> {
-        loop {
-            let mut hb = [0u8; Request::LEN];
-            match stream.read_exact(&mut hb) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let req = match Request::decode(&hb) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("closing connection: {e}");
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
-                }
-            };
-            stats.requests += 1;
-            let checked = validate(&req, &export);
-            let payload_len = u64::from(req.payload_len());
-            match checked {
-                Ok(Cmd::Disc) => return Ok(()),
-                Ok(cmd) => {
-                    let mut payload = Vec::new();
-                    if cmd == Cmd::Write {
-                        payload = vec![0u8; payload_len as usize];
-                        stream.read_exact(&mut payload)?;
-                    }
-                    if tx.send(Job { req, cmd, payload }).is_err() {
-                        return Ok(());
-                    }
-                }
-                Err(error) => {
-                    stats.errors += 1;
-                    debug!(?req, error, "refused");
-                    discard(stream, payload_len)?;
-                    out.reply(req.cookie, error)?;
-                }
+    let result = read_requests(stream, &export, &out, &conn, &tx, &mut stats);
+    match result {
+        Ok(End::Disc) => {
+            for job in conn.closing() {
+                let _ = tx.send(job);
             }
         }
-    })();
+        // EOF without NBD_CMD_DISC, a read error or a protocol violation.
+        _ => conn.kill(),
+    }
     drop(tx);
     for t in pool {
         let _ = t.join();
+    }
+    stats.dropped = conn.dropped.load(Ordering::Relaxed);
+    if stats.dropped > 0 {
+        warn!(
+            export = export.name(),
+            "connection died: {} request(s) read but not started were dropped", stats.dropped
+        );
     }
     // Make what clients wrote durable before they see the connection close.
     if !export.backend().read_only() {
         let _ = export.backend().flush();
     }
-    result.map(|()| stats)
+    result.map(|_| stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::Ordering;
+    use std::thread::JoinHandle;
+
+    use enbd_core::wire::{cmd_flags, errno, Cmd, Request, REQUEST_MAGIC};
+
+    use super::*;
+    use crate::testutil::{
+        pair, probed_export, read_reply, read_rest, send_request, wait_consumed, Counts, TempFile,
+    };
+
+    const SIZE: u64 = 1 << 20;
+    const FILL: u8 = 0xab;
+
+    /// `serve` on one end of a socket pair; the test drives the other end.
+    struct Session {
+        client: UnixStream,
+        server: JoinHandle<io::Result<ConnStats>>,
+        counts: Arc<Counts>,
+        file: TempFile,
+    }
+
+    fn start_with(file: TempFile, read_only: bool, workers: usize) -> Session {
+        let (export, counts) = probed_export("disk", &file, read_only);
+        let (client, mut server_end) = pair();
+        let server = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
+            serve(&mut server_end, fd, export, workers)
+        });
+        Session {
+            client,
+            server,
+            counts,
+            file,
+        }
+    }
+
+    fn start(read_only: bool, workers: usize) -> Session {
+        start_with(TempFile::new(SIZE, FILL), read_only, workers)
+    }
+
+    fn req(cmd: Cmd, flags: u16, cookie: u64, offset: u64, length: u32) -> Request {
+        Request::new(cmd, flags, cookie, offset, length)
+    }
+
+    impl Session {
+        fn send(&mut self, r: Request, payload: &[u8]) {
+            send_request(&mut self.client, r, payload);
+        }
+
+        /// Sends a request without payload data and returns its reply's error.
+        fn call(&mut self, r: Request) -> u32 {
+            self.send(r, &[]);
+            let rep = read_reply(&mut self.client);
+            assert_eq!(rep.cookie, r.cookie, "reply to the wrong request");
+            rep.error
+        }
+
+        fn write(&mut self, cookie: u64, flags: u16, offset: u64, data: &[u8]) -> u32 {
+            self.send(
+                req(Cmd::Write, flags, cookie, offset, data.len() as u32),
+                data,
+            );
+            let rep = read_reply(&mut self.client);
+            assert_eq!(rep.cookie, cookie);
+            rep.error
+        }
+
+        fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+            assert_eq!(self.call(req(Cmd::Read, 0, cookie, offset, len)), 0);
+            let mut data = vec![0u8; len as usize];
+            self.client.read_exact(&mut data).unwrap();
+            data
+        }
+
+        /// Ends with NBD_CMD_DISC; the server closes without a reply.
+        fn disconnect(mut self) -> (ConnStats, Arc<Counts>, TempFile) {
+            self.send(req(Cmd::Disc, 0, 0, 0, 0), &[]);
+            let stats = self.server.join().unwrap().unwrap();
+            assert!(read_rest(&mut self.client).is_empty(), "DISC has no reply");
+            (stats, self.counts, self.file)
+        }
+    }
+
+    #[test]
+    fn read_and_write_round_trip() {
+        let mut c = start(false, 4);
+        assert_eq!(c.read(1, 0, 16), vec![FILL; 16]);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(c.write(2, 0, 8192, &data), 0);
+        assert_eq!(c.read(3, 8192, 4096), data);
+        // The last byte of the export and an empty read are in range.
+        assert_eq!(c.read(4, SIZE - 1, 1), vec![FILL]);
+        assert!(c.read(5, SIZE, 0).is_empty());
+        let (stats, counts, file) = c.disconnect();
+        assert_eq!(file.read(8192, 4096), data);
+        assert_eq!(counts.writes(), 1);
+        assert_eq!((stats.requests, stats.errors, stats.dropped), (6, 0, 0));
+    }
+
+    #[test]
+    fn flush_trim_and_write_zeroes() {
+        let mut c = start(false, 2);
+        assert_eq!(c.call(req(Cmd::Flush, 0, 1, 0, 0)), 0);
+        assert_eq!(c.counts.flushes(), 1);
+        assert_eq!(c.call(req(Cmd::Trim, 0, 2, 0, 8192)), 0);
+        assert_eq!(c.counts.trims.load(Ordering::SeqCst), 1);
+        // Punching a hole and writing zeroes must both read back as zeroes.
+        assert_eq!(c.call(req(Cmd::WriteZeroes, 0, 3, 65536, 4096)), 0);
+        let no_hole = cmd_flags::NO_HOLE;
+        assert_eq!(c.call(req(Cmd::WriteZeroes, no_hole, 4, 131072, 100)), 0);
+        assert_eq!(c.counts.zeroes.load(Ordering::SeqCst), 2);
+        assert_eq!(c.read(5, 65536, 4096), vec![0; 4096]);
+        assert_eq!(c.read(6, 131072 - 1, 102), {
+            let mut v = vec![0u8; 102];
+            v[0] = FILL;
+            v[101] = FILL;
+            v
+        });
+        let (stats, _, _) = c.disconnect();
+        assert_eq!(stats.errors, 0);
+    }
+
+    #[test]
+    fn fua_flushes_before_the_reply_and_is_accepted_everywhere() {
+        let mut c = start(false, 1);
+        let fua = cmd_flags::FUA;
+        assert_eq!(c.write(1, 0, 0, &[1; 512]), 0);
+        assert_eq!(c.counts.flushes(), 0, "no FUA, no flush");
+        assert_eq!(c.write(2, fua, 0, &[2; 512]), 0);
+        // The flush is counted before the reply goes out.
+        assert_eq!(c.counts.flushes(), 1);
+        assert_eq!(c.call(req(Cmd::Trim, fua, 3, 0, 4096)), 0);
+        assert_eq!(c.counts.flushes(), 2);
+        assert_eq!(c.call(req(Cmd::WriteZeroes, fua, 4, 0, 4096)), 0);
+        assert_eq!(c.counts.flushes(), 3);
+        // FUA where nothing is written is accepted and ignored.
+        assert_eq!(c.call(req(Cmd::Flush, fua, 5, 0, 0)), 0);
+        assert_eq!(c.counts.flushes(), 4, "one flush, not two");
+        c.send(req(Cmd::Read, fua, 6, 0, 8), &[]);
+        let rep = read_reply(&mut c.client);
+        assert_eq!((rep.error, rep.cookie), (0, 6));
+        let mut d = [0u8; 8];
+        c.client.read_exact(&mut d).unwrap();
+        assert_eq!(c.counts.flushes(), 4);
+        c.disconnect();
+    }
+
+    #[test]
+    fn flags_not_valid_for_the_command_get_einval() {
+        let mut c = start(false, 2);
+        // NO_HOLE only applies to WRITE_ZEROES; its payload is still read.
+        assert_eq!(c.write(1, cmd_flags::NO_HOLE, 0, &[7; 512]), errno::EINVAL);
+        // DF is not announced; unknown bits are refused too.
+        assert_eq!(
+            c.call(req(Cmd::Read, cmd_flags::DF, 2, 0, 512)),
+            errno::EINVAL
+        );
+        assert_eq!(c.call(req(Cmd::Trim, 1 << 9, 3, 0, 512)), errno::EINVAL);
+        assert_eq!(
+            c.call(req(Cmd::WriteZeroes, cmd_flags::FAST_ZERO, 4, 0, 512)),
+            errno::EINVAL
+        );
+        assert_eq!(c.counts.writes(), 0);
+        // The connection stays in step.
+        assert_eq!(c.read(5, 0, 4), vec![FILL; 4]);
+        let (stats, counts, _) = c.disconnect();
+        assert_eq!(stats.errors, 4);
+        assert_eq!(counts.zeroes.load(Ordering::SeqCst), 0);
+        assert_eq!(counts.trims.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn requests_beyond_the_end_get_einval_and_touch_nothing() {
+        let mut c = start(false, 2);
+        let e = errno::EINVAL;
+        // Straddling the end, starting at the end, and overflowing u64.
+        assert_eq!(c.call(req(Cmd::Read, 0, 1, SIZE - 512, 1024)), e);
+        assert_eq!(c.call(req(Cmd::Read, 0, 2, SIZE, 1)), e);
+        assert_eq!(c.call(req(Cmd::Read, 0, 3, u64::MAX - 10, 4096)), e);
+        // A refused write's payload is read and dropped.
+        assert_eq!(c.write(4, 0, SIZE - 100, &[9; 512]), e);
+        assert_eq!(c.write(5, 0, u64::MAX, &[9; 1]), e);
+        assert_eq!(c.call(req(Cmd::Trim, 0, 6, SIZE, 4096)), e);
+        assert_eq!(c.call(req(Cmd::WriteZeroes, 0, 7, SIZE - 1, 2)), e);
+        // Still in step, and nothing changed.
+        assert_eq!(c.read(8, SIZE - 512, 512), vec![FILL; 512]);
+        let (stats, counts, file) = c.disconnect();
+        assert_eq!(stats.errors, 7);
+        assert_eq!(counts.writes(), 0);
+        assert_eq!(counts.trims.load(Ordering::SeqCst), 0);
+        assert_eq!(counts.zeroes.load(Ordering::SeqCst), 0);
+        assert_eq!(file.read(SIZE - 100, 100), vec![FILL; 100]);
+    }
+
+    #[test]
+    fn oversize_reads_and_writes_get_einval() {
+        // Big enough that only the payload limit applies.
+        let big = u64::from(MAX_PAYLOAD) * 2;
+        let mut c = start_with(TempFile::new(big, 0), false, 2);
+        let e = errno::EINVAL;
+        assert_eq!(c.call(req(Cmd::Read, 0, 1, 0, MAX_PAYLOAD + 1)), e);
+        // The refused write's payload is drained, from another thread, so
+        // the stream stays in step.
+        let mut w = c.client.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let payload = vec![5u8; MAX_PAYLOAD as usize + 1];
+            send_request(&mut w, req(Cmd::Write, 0, 2, 0, MAX_PAYLOAD + 1), &payload);
+        });
+        let rep = read_reply(&mut c.client);
+        writer.join().unwrap();
+        assert_eq!((rep.error, rep.cookie), (e, 2));
+        // TRIM and WRITE_ZEROES carry no payload: no such limit.
+        assert_eq!(c.call(req(Cmd::Trim, 0, 3, 0, MAX_PAYLOAD + 4096)), 0);
+        assert_eq!(
+            c.call(req(Cmd::WriteZeroes, 0, 4, 0, MAX_PAYLOAD + 4096)),
+            0
+        );
+        assert_eq!(c.read(5, 0, 4), vec![0; 4]);
+        let (stats, counts, _) = c.disconnect();
+        assert_eq!(stats.errors, 2);
+        assert_eq!(counts.writes(), 0);
+    }
+
+    #[test]
+    fn read_only_export_refuses_changes_with_eperm() {
+        let mut c = start(true, 2);
+        let e = errno::EPERM;
+        assert_eq!(c.write(1, 0, 0, &[1; 4096]), e);
+        assert_eq!(c.call(req(Cmd::Trim, 0, 2, 0, 4096)), e);
+        assert_eq!(c.call(req(Cmd::WriteZeroes, 0, 3, 0, 4096)), e);
+        // Bounds come first: past the end is EINVAL even here.
+        assert_eq!(c.write(4, 0, SIZE, &[1; 512]), errno::EINVAL);
+        // Reads and flushes work.
+        assert_eq!(c.read(5, 0, 4096), vec![FILL; 4096]);
+        assert_eq!(c.call(req(Cmd::Flush, 0, 6, 0, 0)), 0);
+        let (stats, counts, file) = c.disconnect();
+        assert_eq!(stats.errors, 4);
+        assert_eq!(counts.writes(), 0);
+        assert_eq!(file.read(0, 4096), vec![FILL; 4096]);
+    }
+
+    #[test]
+    fn unknown_commands_get_einval() {
+        let mut c = start(false, 2);
+        // CACHE is not announced; 7 is BLOCK_STATUS; the rest are unknown.
+        for (cookie, cmd) in [(1, 5u16), (2, 7), (3, 8), (4, 0xffff)] {
+            let r = Request {
+                cmd,
+                cookie,
+                length: 512,
+                ..Request::default()
+            };
+            assert_eq!(c.call(r), errno::EINVAL, "command {cmd}");
+        }
+        assert_eq!(c.read(5, 0, 1), vec![FILL]);
+        let (stats, _, _) = c.disconnect();
+        assert_eq!(stats.errors, 4);
+    }
+
+    #[test]
+    fn backend_errors_are_mapped_to_protocol_errors() {
+        let mut c = start(false, 1);
+        for (cookie, os, nbd) in [
+            (1, libc::EIO, errno::EIO),
+            (2, libc::ENOSPC, errno::ENOSPC),
+            (3, libc::EDQUOT, errno::ENOSPC),
+            (4, libc::EFBIG, errno::ENOSPC),
+            (5, libc::EROFS, errno::EPERM),
+            (6, libc::ENOENT, errno::EIO),
+        ] {
+            c.counts.fail_writes.store(os, Ordering::SeqCst);
+            assert_eq!(c.write(cookie, 0, 0, &[1; 512]), nbd, "errno {os}");
+        }
+        assert_eq!(c.write(7, 0, 0, &[1; 512]), 0);
+        c.disconnect();
+    }
+
+    #[test]
+    fn disc_ends_the_connection_without_a_reply() {
+        let c = start(false, 2);
+        let (stats, counts, _) = c.disconnect();
+        assert_eq!((stats.requests, stats.errors, stats.dropped), (1, 0, 0));
+        // The server makes writes durable before it closes.
+        assert_eq!(counts.flushes(), 1);
+    }
+
+    #[test]
+    fn bad_request_magic_closes_the_connection() {
+        let mut c = start(false, 2);
+        let mut b = req(Cmd::Read, 0, 1, 0, 512).encode();
+        b[..4].copy_from_slice(&(REQUEST_MAGIC ^ 1).to_be_bytes());
+        c.client.write_all(&b).unwrap();
+        let err = c.server.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(read_rest(&mut c.client).is_empty(), "no reply, just close");
+    }
+
+    // Write fencing: a request read from a connection that has since died
+    // is never executed.
+
+    /// Sends a FLUSH that the backend holds, so the one worker is busy, and
+    /// then `n` 512-byte WRITEs of 0x55 at distinct offsets behind it.
+    fn flush_held_then_writes(c: &mut Session, n: u64) {
+        c.counts.hold_next_flush();
+        c.send(req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        c.counts.wait_held();
+        for i in 0..n {
+            c.send(req(Cmd::Write, 0, 100 + i, i * 4096, 512), &[0x55; 512]);
+        }
+    }
+
+    fn assert_untouched(file: &TempFile, n: u64) {
+        for i in 0..n {
+            assert_eq!(file.read(i * 4096, 512), vec![FILL; 512], "write {i} ran");
+        }
+    }
+
+    #[test]
+    fn fencing_drops_queued_writes_when_the_client_hangs_up() {
+        // The client gives up on the connection while four writes sit in
+        // the queue behind a slow FLUSH, and keeps only its read side open,
+        // so the FLUSH's reply still goes out.
+        let mut c = start(false, 1);
+        flush_held_then_writes(&mut c, 4);
+        wait_consumed(&c.client);
+        c.client.shutdown(std::net::Shutdown::Write).unwrap();
+        c.counts.release();
+        let rep = read_reply(&mut c.client);
+        assert_eq!((rep.error, rep.cookie), (0, 1));
+        assert!(
+            read_rest(&mut c.client).is_empty(),
+            "a dropped write replied"
+        );
+        let stats = c.server.join().unwrap().unwrap();
+        assert_eq!(c.counts.writes(), 0, "a write of a dead connection ran");
+        assert_eq!((stats.requests, stats.dropped), (5, 4));
+        assert_untouched(&c.file, 4);
+    }
+
+    #[test]
+    fn fencing_drops_queued_writes_when_the_connection_is_gone() {
+        // As above, but the client closes both ways: the slow request's
+        // reply fails too.
+        let mut c = start(false, 1);
+        flush_held_then_writes(&mut c, 4);
+        wait_consumed(&c.client);
+        drop(c.client);
+        c.counts.release();
+        let stats = c.server.join().unwrap().unwrap();
+        assert_eq!(c.counts.writes(), 0, "a write of a dead connection ran");
+        assert_eq!(stats.dropped, 4);
+        assert_untouched(&c.file, 4);
+    }
+
+    #[test]
+    fn fencing_drops_writes_still_unread_behind_a_full_queue() {
+        // 20 writes behind the slow FLUSH: 8 fill the queue, one waits in
+        // the reader's hand and the rest are still in the socket buffer
+        // when the client hangs up. The reader cannot see the EOF before
+        // the worker is free again; the worker must notice the hang-up
+        // itself.
+        let mut c = start(false, 1);
+        flush_held_then_writes(&mut c, 20);
+        c.client.shutdown(std::net::Shutdown::Write).unwrap();
+        c.counts.release();
+        let rep = read_reply(&mut c.client);
+        assert_eq!((rep.error, rep.cookie), (0, 1));
+        assert!(
+            read_rest(&mut c.client).is_empty(),
+            "a dropped write replied"
+        );
+        let stats = c.server.join().unwrap().unwrap();
+        assert_eq!(c.counts.writes(), 0, "a write of a dead connection ran");
+        assert_eq!((stats.requests, stats.dropped), (21, 20));
+        assert_untouched(&c.file, 20);
+    }
+
+    #[test]
+    fn fencing_drops_a_write_whose_payload_never_arrived() {
+        let mut c = start(false, 1);
+        c.send(req(Cmd::Write, 0, 1, 0, 4096), &[0x55; 1000]);
+        drop(c.client);
+        let err = c.server.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(c.counts.writes(), 0);
+        assert_untouched(&c.file, 1);
+    }
+
+    #[test]
+    fn fencing_watches_the_socket_behind_a_proxy() {
+        // `serve_watching` polls another socket for the hang-up, as it does
+        // for the TCP socket behind a TLS proxy: the peer hangs up there
+        // while the plaintext stream is still open, so writes queued behind
+        // the slow FLUSH wait; the stream then ends without DISC.
+        let file = TempFile::new(SIZE, FILL);
+        let (export, counts) = probed_export("disk", &file, false);
+        let (mut client, mut server_end) = pair();
+        let (tcp_peer, tcp) = pair();
+        let server = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
+            let watch = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+            serve_watching(&mut server_end, fd, watch, export, 1)
+        });
+        counts.hold_next_flush();
+        send_request(&mut client, req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        counts.wait_held();
+        for i in 0..4 {
+            send_request(
+                &mut client,
+                req(Cmd::Write, 0, 100 + i, i * 4096, 512),
+                &[0x55; 512],
+            );
+        }
+        wait_consumed(&client);
+        drop(tcp_peer);
+        counts.release();
+        let rep = read_reply(&mut client);
+        assert_eq!((rep.error, rep.cookie), (0, 1));
+        // The writes are parked, not run, while the stream is still open.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(counts.writes(), 0, "a write ran after the peer hung up");
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(read_rest(&mut client).is_empty(), "a dropped write replied");
+        let stats = server.join().unwrap().unwrap();
+        assert_eq!(counts.writes(), 0, "a write of a dead connection ran");
+        assert_eq!((stats.requests, stats.dropped), (5, 4));
+        assert_untouched(&file, 4);
+    }
+
+    #[test]
+    fn disc_still_runs_every_request_sent_before_it() {
+        // The protocol wants everything before NBD_CMD_DISC handled, even
+        // when the client then shuts down its write side (libnbd does) and
+        // some of it is still unread behind a full queue.
+        let mut c = start(false, 1);
+        flush_held_then_writes(&mut c, 20);
+        c.send(req(Cmd::Disc, 0, 0, 0, 0), &[]);
+        c.client.shutdown(std::net::Shutdown::Write).unwrap();
+        c.counts.release();
+        let mut cookies: Vec<u64> = (0..21)
+            .map(|_| read_reply(&mut c.client))
+            .map(|r| {
+                assert_eq!(r.error, 0);
+                r.cookie
+            })
+            .collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, [1].into_iter().chain(100..120).collect::<Vec<_>>());
+        assert!(read_rest(&mut c.client).is_empty());
+        let stats = c.server.join().unwrap().unwrap();
+        assert_eq!(c.counts.writes(), 20);
+        assert_eq!((stats.requests, stats.dropped), (22, 0));
+        for i in 0..20 {
+            assert_eq!(c.file.read(i * 4096, 512), vec![0x55; 512]);
+        }
+    }
 }
