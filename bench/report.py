@@ -3,13 +3,24 @@
 
     report.py RESULTS.json OUT_PREFIX [--machine TEXT]
 
-Writes OUT_PREFIX.md and OUT_PREFIX.png (with gnuplot). Ratios: "vs nbd"
-compares with Linux nbd at the same connection count on the same server,
-"vs loop" with loop on the same backing file, all from one VM boot.
+Writes OUT_PREFIX.md and OUT_PREFIX.png (with gnuplot). Every cell ran one
+or more times (guest-bench.py --repeats); the table shows the median and the
+min-max range of its runs.
+
+Ratios, all within one VM boot:
+- "vs nbd" compares with Linux nbd at the same connection count on the same
+  server, and only that: where nbd did not run at that count, the row says so
+  instead of using another count. The ratio is of the medians. It is called a
+  win or a loss only when the two min-max ranges do not overlap; otherwise it
+  is marked "≈". A cell with a single run on either side is not judged.
+- "vs loop" compares with loop on the same backing file (medians).
+
+Also reads the older results format (one run per cell, no "runs" list).
 """
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -27,23 +38,121 @@ def metric(wl):
     return "mbps" if wl.startswith("seq") else "iops"
 
 
-def fmt(v, m):
-    return f"{v:,.0f} MB/s" if m == "mbps" else f"{v:,.0f} IOPS"
+def unit(m):
+    return "MB/s" if m == "mbps" else "IOPS"
+
+
+def runs(cell):
+    """The runs of a cell: the "runs" list, or the cell itself (one run) in
+    the older format."""
+    return cell["runs"] if "runs" in cell else [cell]
+
+
+def measured(cells, name, wl):
+    """Whether cell (name, wl) exists and has at least one run."""
+    return name in cells and wl in cells[name] and len(runs(cells[name][wl])) > 0
+
+
+class Stat:
+    """Median and range of one value over a cell's runs."""
+
+    def __init__(self, cell, key):
+        vals = [r[key] for r in runs(cell)]
+        self.n = len(vals)
+        self.med = statistics.median(vals)
+        self.lo = min(vals)
+        self.hi = max(vals)
 
 
 def peer(name):
-    """The Linux nbd cells to compare an enbd cell with, best first."""
+    """The Linux nbd cell that an enbd cell compares with: the same
+    connection count on the same server, or None for a cell that is not enbd.
+    There is exactly one candidate; if it was not measured, there is no
+    comparison (never a fallback to another count)."""
     m = re.match(r"enbd-(?:(ktls|tlsproxy)-)?(\d+)c-(.+)$", name)
     if not m:
-        return
+        return None
     tls, c, server = m.group(1), int(m.group(2)), m.group(3)
     if tls:
-        yield f"nbd-tls-{c}c-{server}"
-        return
-    # Linux nbd runs at 1, 2, 4 and 8 connections; compare at the same count
-    # where measured, else the nearest lower one.
-    for cc in (c, 4 if c > 4 else c, 1):
-        yield f"nbd-{cc}c-{server}"
+        return f"nbd-tls-{c}c-{server}"
+    return f"nbd-{c}c-{server}"
+
+
+def verdict(a, b):
+    """How `a` compares with `b` (both Stats, higher is better): "win" or
+    "loss" when the ranges do not overlap, "≈" when they do, None when either
+    has fewer than 2 runs."""
+    if a.n < 2 or b.n < 2:
+        return None
+    if a.lo > b.hi:
+        return "win"
+    if a.hi < b.lo:
+        return "loss"
+    return "≈"
+
+
+def compare(a, b, label):
+    """The "vs nbd" cell text for Stats `a` (enbd) and `b` (nbd)."""
+    ratio = a.med / b.med
+    v = verdict(a, b)
+    if v is None:
+        return f"{ratio:.2f}x ({label}; {min(a.n, b.n)} run, not judged)"
+    if v == "≈":
+        return f"≈ {ratio:.2f}x ({label})"
+    return f"{ratio:.2f}x {v} ({label})"
+
+
+def count_label(nbd_name):
+    return re.match(r"nbd-((?:tls-)?\d+c)-", nbd_name).group(1)
+
+
+def throughput(cell, m):
+    s = Stat(cell, m)
+    if s.n == 1:
+        return f"{s.med:,.0f} {unit(m)}"
+    return f"{s.med:,.0f} {unit(m)} ({s.lo:,.0f}–{s.hi:,.0f})"
+
+
+def vs_nbd(name, cells, wl, m):
+    p = peer(name)
+    if p is None:
+        return "-"
+    label = count_label(p)
+    if not measured(cells, p, wl):
+        return f"- (nbd not run at {label})"
+    b = Stat(cells[p][wl], m)
+    if b.med <= 0:
+        return f"- (nbd {label} has no throughput)"
+    return compare(Stat(cells[name][wl], m), b, label)
+
+
+def table(r):
+    cells = r["cells"]
+    loop = cells.get("loop", {})
+    lines = [
+        "| target | workload | runs | throughput: median (min–max) | p50 | p99 | vs nbd, same count | vs loop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, wls in cells.items():
+        for wl in WORKLOADS:
+            if not measured(cells, name, wl):
+                continue
+            c = wls[wl]
+            m = metric(wl)
+            med = Stat(c, m).med
+            vs_loop = "-"
+            if measured(cells, "loop", wl) and Stat(loop[wl], m).med > 0:
+                vs_loop = f"{med / Stat(loop[wl], m).med:.3f}x"
+            if name.startswith("enbd-ktls-") or name.startswith("enbd-tlsproxy-"):
+                plain = re.sub(r"enbd-(ktls|tlsproxy)-", "enbd-", name)
+                if measured(cells, plain, wl) and Stat(cells[plain][wl], m).med > 0:
+                    vs_loop += f"; {med / Stat(cells[plain][wl], m).med:.2f}x plaintext"
+            lines.append(
+                f"| {name} | {LABEL[wl]} | {len(runs(c))} | {throughput(c, m)} | "
+                f"{Stat(c, 'p50_us').med:,.0f} us | {Stat(c, 'p99_us').med:,.0f} us | "
+                f"{vs_nbd(name, cells, wl, m)} | {vs_loop} |"
+            )
+    return lines
 
 
 def main():
@@ -52,43 +161,38 @@ def main():
     r = json.load(open(src))
     cells = r["cells"]
     loop = cells.get("loop", {})
+    repeats = r.get("repeats", 1)
+    if "order" in r:
+        how = (f"each cell ran {repeats} time(s), once per round; every round ran the targets, and "
+               f"each target's workloads, in a newly shuffled order (seed {r.get('seed')})")
+    else:
+        how = "each cell ran once, in a fixed order (results of the older bench)"
+    ramp = f" after {r['ramp']} s of ramp-up" if "ramp" in r else ""
     lines = [
         f"# enbd benchmark, {time.strftime('%Y-%m-%d')}",
         "",
         f"Machine: {machine}. One TCG guest boot, 2 vCPUs, 2 GiB; 512 MiB backing file on guest tmpfs; "
-        f"fio direct=1 libaio, {r['runtime']} s per cell{' (QUICK MODE: smoke test, numbers not meaningful)' if r.get('quick') else ''}.",
-        "Ratios are within this run: vs nbd = Linux nbd at the same connection count on the same server; "
-        "vs loop = loop with direct I/O on the same file.",
+        f"fio direct=1 libaio, {r['runtime']} s per run{ramp}"
+        f"{' (QUICK MODE: smoke test, numbers not meaningful)' if r.get('quick') else ''}; {how}.",
+        "Throughput is the median of the runs with their min–max range; p50/p99 are medians over the runs.",
+        "Ratios are within this run, of medians: vs nbd = Linux nbd at the same connection count on the "
+        "same server (no other count is ever used); vs loop = loop with direct I/O on the same file. "
+        "A ratio is a **win** or a **loss** only when the min–max ranges of the two cells do not overlap; "
+        "\"≈\" marks overlapping ranges, and a cell with one run is not judged.",
         "",
-        "| target | workload | throughput | p50 | p99 | vs nbd | vs loop |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for name, wls in cells.items():
-        for wl in WORKLOADS:
-            if wl not in wls:
-                continue
-            c = wls[wl]
-            m = metric(wl)
-            vs_nbd = "-"
-            for p in peer(name):
-                if p in cells and wl in cells[p] and cells[p][wl][m] > 0:
-                    label = re.match(r"nbd-((?:tls-)?\d+c)-", p).group(1)
-                    vs_nbd = f"{c[m] / cells[p][wl][m]:.2f}x ({label})"
-                    break
-            vs_loop = f"{c[m] / loop[wl][m]:.3f}x" if wl in loop and loop[wl][m] > 0 else "-"
-            if name.startswith("enbd-ktls-") or name.startswith("enbd-tlsproxy-"):
-                plain = re.sub(r"enbd-(ktls|tlsproxy)-", "enbd-", name)
-                if plain in cells and wl in cells[plain] and cells[plain][wl][m] > 0:
-                    vs_loop += f"; {c[m] / cells[plain][wl][m]:.2f}x plaintext"
-            lines.append(
-                f"| {name} | {LABEL[wl]} | {fmt(c[m], m)} | {c['p50_us']:,.0f} us | {c['p99_us']:,.0f} us | {vs_nbd} | {vs_loop} |"
-            )
+    lines += table(r)
     f = r.get("failover")
     if f:
         lines += [
             "",
             "## Failover (enbd, 4 channels, rand read 4k QD32, one connection killed midway)",
             "",
+        ]
+        if "kill_after_fio_start_s" in f:
+            lines.append(f"- connection {f['killed']} killed {f['kill_after_fio_start_s']:.1f} s after fio "
+                         f"started (run of {f['runtime_s']} s); fio exit status {f['fio_status']}")
+        lines += [
             f"- worst completion latency: {f['max_latency_ms']:.0f} ms",
             f"- IOPS before the kill: {f['iops_before']:,.0f}; after: {f['iops_after']:,.0f}",
             f"- fio errors: {f['errors']}",
@@ -96,31 +200,36 @@ def main():
     with open(prefix + ".md", "w") as out:
         out.write("\n".join(lines) + "\n")
 
-    # Plot: throughput relative to loop, per workload, for each target.
+    # Plot: throughput relative to loop's median, per workload, for each
+    # target: the median as the bar, min-max as the error bar.
     dat = prefix + ".dat"
     names = [n for n in cells if n != "loop"]
     with open(dat, "w") as out:
-        out.write("target " + " ".join(WORKLOADS) + "\n")
+        out.write("# target " + " ".join(f"{w} {w}_min {w}_max" for w in WORKLOADS) + "\n")
         for n in names:
             vals = []
             for wl in WORKLOADS:
                 m = metric(wl)
-                v = cells[n].get(wl, {}).get(m, 0)
-                base = loop.get(wl, {}).get(m, 0)
-                vals.append(f"{v / base:.4f}" if base else "0")
+                base = Stat(loop[wl], m).med if measured(cells, "loop", wl) else 0
+                if measured(cells, n, wl) and base:
+                    s = Stat(cells[n][wl], m)
+                    vals += [f"{s.med / base:.4f}", f"{s.lo / base:.4f}", f"{s.hi / base:.4f}"]
+                else:
+                    vals += ["0", "0", "0"]
             out.write(n + " " + " ".join(vals) + "\n")
     gp = f"""
 set terminal pngcairo size 1400,700 noenhanced
 set output '{prefix}.png'
-set title 'Throughput relative to loop (same run); higher is better'
+set title 'Throughput relative to loop (same run): median, bars from min to max; higher is better'
 set style data histograms
-set style histogram clustered gap 1
+set style histogram errorbars gap 1 lw 1
 set style fill solid 0.8 border -1
 set xtics rotate by -35
 set ylabel 'fraction of loop'
 set key outside right
 set grid ytics
-plot for [i=2:5] '{dat}' using i:xtic(1) title columnhead
+plot for [i=0:3] '{dat}' using (column(2+3*i)):(column(3+3*i)):(column(4+3*i)):xtic(1) \\
+    title word('{" ".join(WORKLOADS)}', i+1)
 """
     try:
         subprocess.run(["gnuplot"], input=gp, text=True, check=True)

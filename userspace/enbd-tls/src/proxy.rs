@@ -72,6 +72,23 @@ fn poll2(
     }
 }
 
+/// Moves the plaintext rustls holds into `pending`. Returns whether the
+/// peer has closed its side (close_notify read).
+fn drain_plaintext(
+    conn: &mut rustls::Connection,
+    buf: &mut [u8],
+    pending: &mut Vec<u8>,
+) -> io::Result<bool> {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Moves bytes both ways without ever blocking on one direction: a pump that
 /// blocks writing to the network while the peer blocks writing its replies
 /// to us would deadlock both. Each direction closes on its own: the local
@@ -88,7 +105,12 @@ fn pump(
     conn.set_buffer_limit(None);
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending: Vec<u8> = Vec::new();
-    let (mut peer_done, mut local_done, mut local_shut) = (false, false, false);
+    // The session may arrive with records already read from the socket, or
+    // plaintext already decrypted, by whoever used it before: poll() below
+    // reports only what is still in the socket, so hand that on now.
+    conn.process_new_packets().map_err(io::Error::other)?;
+    let mut peer_done = drain_plaintext(&mut conn, &mut buf, &mut pending)?;
+    let (mut local_done, mut local_shut) = (false, false);
     loop {
         while conn.wants_write() {
             match conn.write_tls(&mut tcp) {
@@ -141,17 +163,7 @@ fn pump(
                 Ok(0) => peer_done = true,
                 Ok(_) => {
                     conn.process_new_packets().map_err(io::Error::other)?;
-                    loop {
-                        match conn.reader().read(&mut buf) {
-                            Ok(0) => {
-                                peer_done = true;
-                                break;
-                            }
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
+                    peer_done = drain_plaintext(&mut conn, &mut buf, &mut pending)?;
                 }
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(e),
