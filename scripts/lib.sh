@@ -18,9 +18,16 @@ export PATH="$HOME/.cargo/bin:$PATH"
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# The kernel variants: "default" (scripts/kernel.config) and "debug" (the
+# same plus scripts/kernel-debug.config: KASAN, lockdep, KFENCE, UBSAN).
+KERNEL_VARIANTS=(default debug)
+
 # Key of the kernel build: source package version, config fragment, this
 # script library and the toolchain. Any change gives a new cache directory.
+# The debug variant also hashes its fragment; the default variant's key is
+# what it always was, so its cached build stays valid.
 kernel_key() {
+	local variant=${1:-default}
 	{
 		dpkg-query -W -f '${Version}\n' linux-source-6.12
 		cat "$ENBD_ROOT/scripts/kernel.config"
@@ -28,7 +35,18 @@ kernel_key() {
 		"$BINDGEN" --version 2>/dev/null || echo "bindgen $BINDGEN_VERSION"
 		clang --version | head -n1
 		echo "recipe 1"
+		if [ "$variant" = debug ]; then
+			echo "variant debug"
+			cat "$ENBD_ROOT/scripts/kernel-debug.config"
+		fi
 	} | sha256sum | cut -c1-16
 }
 
-kernel_dir() { echo "$ENBD_CACHE/kernel/$(kernel_key)"; }
+# The build directory of a variant (default: "default").
+kernel_dir() {
+	case ${1:-default} in
+	default) echo "$ENBD_CACHE/kernel/$(kernel_key)" ;;
+	debug) echo "$ENBD_CACHE/kernel/debug-$(kernel_key debug)" ;;
+	*) die "unknown kernel variant '$1' (${KERNEL_VARIANTS[*]})" ;;
+	esac
+}

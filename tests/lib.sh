@@ -66,9 +66,21 @@ channels_are() {
 	[ "$(proc_field "$1" channels)" = "$2" ]
 }
 
+# The kernel log's newest sequence number: case_log SEQ prints what follows it.
+kmsg_seq() {
+	python3 "$ENBD_ROOT/tests/tools/kmsg.py" seq
+}
+
+# The kernel messages logged since the case began (or since sequence number
+# $1), as dmesg prints them. By sequence number (tests/tools/kmsg.py), so it
+# stays exact when the ring buffer wraps; tests/guest-run sets CASE_SEQ.
+case_log() {
+	python3 "$ENBD_ROOT/tests/tools/kmsg.py" since "${1:-${CASE_SEQ:--1}}"
+}
+
 # Channel-up messages the kernel logged since the case began.
 channels_started() {
-	dmesg | tail -n +"$((CASE_DMESG + 1))" | grep -c 'enbd0: channel [0-9]* up'
+	case_log | grep -c 'enbd0: channel [0-9]* up'
 }
 
 # Whether a live (not zombie) enbd-client runs. The test VM's init does not
@@ -162,6 +174,7 @@ FIO_JSON=/tmp/fio-verify.json
 fio_verify_start() {
 	local dev=$1 total=${2:-768}
 	rm -f "$FIO_JSON" /tmp/fio.rc
+	FIO_SEQ=$(kmsg_seq)
 	(
 		fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 \
 			--rw=randwrite --bs=64k --size=256M --io_size="${total}M" --randrepeat=0 \
@@ -173,26 +186,51 @@ fio_verify_start() {
 	DMESG_MARK=$(dmesg | wc -l)
 }
 
-# Waits for fio, fails on any error, and prints the longest completion
-# latency ("stall") it saw, in ms.
+# Waits up to $1 seconds (default 300) for fio and fails on any error. Prints
+# the longest completion latency ("stall") fio saw, in ms, and fails if it
+# exceeds $2 ms when given: the bound a case promises (request_timeout + 1 s,
+# say). With ENBD_TIME_FACTOR (the debug kernel: a slower guest), the wait is
+# multiplied by it and the bound gets (factor - 1) s more slack: timeouts run
+# on the guest's clock, but everything around them is slower.
 fio_verify_finish() {
-	local limit=${1:-300}
+	local factor=${ENBD_TIME_FACTOR:-1}
+	local limit=$((${1:-300} * factor)) max_stall=${2:-} rc=0
 	wait_for "$limit" test -f /tmp/fio.rc || fail "fio did not finish within ${limit}s"
 	wait "$FIO_PID" 2>/dev/null
 	cat /tmp/fio.out
 	[ "$(cat /tmp/fio.rc)" = 0 ] || fail "fio failed (rc $(cat /tmp/fio.rc))"
-	python3 - "$FIO_JSON" <<'PY' || fail "fio reported errors"
+	python3 - "$FIO_JSON" "$max_stall" "$factor" <<'PY' || rc=$?
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 errs = j.get("error", 0) + j.get("total_err", 0)
 stall = max(j["read"]["clat_ns"]["max"], j["write"]["clat_ns"]["max"]) / 1e6
 mb = (j["read"]["io_bytes"] + j["write"]["io_bytes"]) / 2**20
-print(f"fio: {mb:.0f} MiB read+written, {errs} errors, longest stall {stall:.0f} ms")
-sys.exit(1 if errs else 0)
+bound = int(sys.argv[2]) + (int(sys.argv[3]) - 1) * 1000 if sys.argv[2] else None
+print(f"fio: {mb:.0f} MiB read+written, {errs} errors, longest stall {stall:.0f} ms"
+      + (f" (bound {bound} ms)" if bound is not None else ""))
+sys.exit(3 if errs else 4 if bound is not None and stall > bound else 0)
 PY
-	if dmesg | tail -n +"$((DMESG_MARK + 1))" | grep -E 'I/O error|Buffer I/O'; then
+	[ "$rc" != 3 ] || fail "fio reported errors"
+	[ "$rc" != 4 ] || fail "the longest stall exceeds the case's bound"
+	[ "$rc" = 0 ] || fail "could not read fio's results ($FIO_JSON)"
+	local klog
+	if [ -n "${FIO_SEQ:-}" ]; then
+		klog=$(case_log "$FIO_SEQ")
+	else
+		klog=$(dmesg | tail -n +"$((${DMESG_MARK:-0} + 1))")
+	fi
+	unset FIO_SEQ
+	if grep -E 'I/O error|Buffer I/O' <<<"$klog"; then
 		fail "the kernel logged I/O errors"
 	fi
+}
+
+# Whether device $1 (enbd0) holds requests: queued or in flight (for wait_for).
+io_in_flight() {
+	local q i
+	q=$(proc_field "$1" queued)
+	i=$(proc_field "$1" inflight)
+	[ $((${q:-0} + ${i:-0})) -gt 0 ]
 }
 
 # The local ports of established connections to port $1.
@@ -221,4 +259,175 @@ start_tls_server() {
 		--tls-key "$CERTS/server-key.pem" "$@" >"/tmp/enbd-server-$port.log" 2>&1 &
 	SERVER_PID=$!
 	wait_port "$port"
+}
+
+# --- Fault-case helpers: the rogue NBD server (tools/rogue-server.py), ---
+# --- channel roles, timings, fio on a region. ---
+
+ROGUE=$ENBD_ROOT/tests/tools/rogue-server.py
+ROGUE_PIDS=()
+
+# Starts rogue-server.py on 127.0.0.1:$1 serving file $2 as export "disk";
+# more rogue-server options follow (--hold-write, --poison, --block-sizes,
+# --no-multi-conn, --trickle, --export). Its log is $ROGUE_LOG
+# (/tmp/rogue-PORT.log), its pid $ROGUE_PID. Every rogue server is stopped
+# when the case exits (an EXIT trap: a case that sets its own must call
+# stop_rogues in it).
+start_rogue() {
+	local port=$1 file=$2
+	shift 2
+	ROGUE_LOG=/tmp/rogue-$port.log
+	rm -f "$ROGUE_LOG"
+	python3 "$ROGUE" --file "$file" --listen "127.0.0.1:$port" --log "$ROGUE_LOG" "$@" 2>>"$ROGUE_LOG" &
+	ROGUE_PID=$!
+	ROGUE_PIDS+=("$ROGUE_PID")
+	trap stop_rogues EXIT
+	wait_port "$port"
+}
+
+# Stops one rogue server (default $ROGUE_PID): SIGTERM, SIGKILL after 5 s.
+stop_rogue() {
+	local pid=${1:-$ROGUE_PID}
+	kill "$pid" 2>/dev/null || return 0
+	for _ in $(seq 25); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.2
+	done
+	kill -9 "$pid" 2>/dev/null
+	wait "$pid" 2>/dev/null
+	return 0
+}
+
+stop_rogues() {
+	local pid
+	for pid in "${ROGUE_PIDS[@]}"; do stop_rogue "$pid"; done
+}
+
+# Waits up to $2 seconds (default 20) for a line matching $1 (grep -E) in $ROGUE_LOG.
+rogue_log_wait() {
+	wait_for "${2:-20}" grep -qE -- "$1" "$ROGUE_LOG"
+}
+
+# Milliseconds on a monotonic-enough clock, for measuring stalls.
+now_ms() {
+	echo $(($(date +%s%N) / 1000000))
+}
+
+
+# The channel lines of /proc/nbdinfo for device $1 (enbd0).
+channel_lines() {
+	grep "^$1 channel " /proc/nbdinfo
+}
+
+# One field of channel id $2 of device $1: chan_field enbd0 1 requests
+chan_field() {
+	channel_lines "$1" | grep " id=$2 " | tr ' ' '\n' | sed -n "s/^$3=//p" | head -n1
+}
+
+# The ids of device $1's channels with role $2 (active|reserve), one a line.
+channels_with_role() {
+	channel_lines "$1" | grep " role=$2\( \|$\)" | tr ' ' '\n' | sed -n 's/^id=//p'
+}
+
+# Whether device $1 has exactly $2 active and $3 reserve channels, all up
+# (for wait_for).
+roles_are() {
+	local lines
+	lines=$(channel_lines "$1")
+	[ "$(grep -c ' role=active' <<<"$lines")" = "$2" ] &&
+		[ "$(grep -c ' role=reserve' <<<"$lines")" = "$3" ] &&
+		[ "$(grep -c ' state=up' <<<"$lines")" = "$(($2 + $3))" ]
+}
+
+# "LOCALPORT BYTES" for each established connection to port $1, BYTES being
+# what it sent and received (ss bytes_acked + bytes_received), busiest first.
+conn_bytes() {
+	ss -Htni state established "( dport = :$1 )" | awk '
+		/^[^ \t]/ { port = $3; sub(/.*:/, "", port); bytes[port] = 0; next }
+		{
+			for (i = 1; i <= NF; i++)
+				if ($i ~ /^bytes_(acked|received):/) { split($i, a, ":"); bytes[port] += a[2] }
+		}
+		END { for (p in bytes) print p, bytes[p] }' | sort -k2,2nr
+}
+
+# The local port of the connection to port $1 that moved the most bytes.
+busiest_port() {
+	conn_bytes "$1" | head -n1 | cut -d' ' -f1
+}
+
+# Like fio_verify_start, on the $3 MiB from $2 MiB into device $1 ($4 MiB of
+# writes in all, default twice the region); finish with fio_verify_finish
+# or fio_verify_finish_except.
+fio_verify_start_at() {
+	local dev=$1 off=$2 size=$3 total=${4:-$(($3 * 2))}
+	rm -f "$FIO_JSON" /tmp/fio.rc
+	(
+		fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 \
+			--rw=randwrite --bs=64k --offset="${off}M" --size="${size}M" --io_size="${total}M" \
+			--randrepeat=0 --verify=crc32c --verify_backlog=64 --verify_fatal=1 --do_verify=1 \
+			--output-format=json --output="$FIO_JSON" >/tmp/fio.out 2>&1
+		echo $? >/tmp/fio.rc
+	) &
+	FIO_PID=$!
+	FIO_SEQ=$(kmsg_seq)
+}
+
+# Like fio_verify_finish, but kernel I/O errors are allowed for sectors $1 to
+# $2 (512-byte units) of enbd devices, where the case provoked them.
+fio_verify_finish_except() {
+	local first=$1 last=$2 limit=${3:-300}
+	wait_for "$limit" test -f /tmp/fio.rc || fail "fio did not finish within ${limit}s"
+	wait "$FIO_PID" 2>/dev/null
+	cat /tmp/fio.out
+	[ "$(cat /tmp/fio.rc)" = 0 ] || fail "fio failed (rc $(cat /tmp/fio.rc))"
+	fio_json_check || fail "fio reported errors"
+	local bad
+	bad=$(case_log "$FIO_SEQ" | grep -E 'I/O error|Buffer I/O' |
+		awk -v lo="$first" -v hi="$last" '{
+			s = -1
+			for (i = 1; i < NF; i++) if ($i == "sector" || $i == "sector:") { s = $(i + 1); sub(/,$/, "", s) }
+			if (s == -1 || s + 0 < lo || s + 0 > hi) print
+		}')
+	[ -z "$bad" ] || fail "the kernel logged I/O errors outside sectors $first-$last: $bad"
+}
+
+# Checks $FIO_JSON (0 errors) and prints what fio did and its longest stall.
+fio_json_check() {
+	python3 - "$FIO_JSON" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+errs = j.get("error", 0) + j.get("total_err", 0)
+stall = max(j["read"]["clat_ns"]["max"], j["write"]["clat_ns"]["max"]) / 1e6
+mb = (j["read"]["io_bytes"] + j["write"]["io_bytes"]) / 2**20
+print(f"fio: {mb:.0f} MiB read+written, {errs} errors, longest stall {stall:.0f} ms")
+sys.exit(1 if errs else 0)
+PY
+}
+
+
+# Runs a command in the background and waits up to $1 seconds for it (a
+# process stuck in uninterruptible I/O ignores timeout(1)). Sets BOUNDED_RC
+# to its exit status and BOUNDED_MS to how long it ran; returns 1 (with
+# BOUNDED_RC empty) if it is still running after $1 seconds.
+run_bounded() {
+	local limit=$1 f=/tmp/bounded-$$-$RANDOM.rc t0
+	shift
+	echo "+ $* (at most ${limit}s)" >&2
+	t0=$(now_ms)
+	(
+		"$@"
+		echo "$? $(now_ms)" >"$f"
+	) &
+	BOUNDED_PID=$!
+	BOUNDED_RC=
+	if ! wait_for "$limit" test -s "$f"; then
+		BOUNDED_MS=$(($(now_ms) - t0))
+		return 1
+	fi
+	read -r BOUNDED_RC BOUNDED_MS <"$f"
+	BOUNDED_MS=$((BOUNDED_MS - t0))
+	rm -f "$f"
+	wait "$BOUNDED_PID" 2>/dev/null
+	return 0
 }

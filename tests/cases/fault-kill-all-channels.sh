@@ -6,9 +6,28 @@ start_server 10809 disk=/tmp/disk.img
 connect_enbd /dev/enbd0 10809 disk --channels 4 --retry-max 1
 fio_verify_start /dev/enbd0
 sleep 8
-run ss -K state established "( dport = :10809 )"
-wait_for 30 channels_are enbd0 4 || fail "channels not reconnected"
-fio_verify_finish
+# Reset every channel while requests are in flight, so some must be
+# resubmitted; should none have been (all idle that instant), again (3 tries).
+before=$(tag_field enbd0 stats resubmits)
+after=$before
+rounds=0
+while [ "$after" = "$before" ] && [ "$rounds" -lt 3 ]; do
+	[ ! -f /tmp/fio.rc ] || fail "fio ended before the channels were reset under load"
+	wait_for 10 io_in_flight enbd0 || fail "no request in flight on enbd0"
+	old=$(channel_ports 10809)
+	run ss -K state established "( dport = :10809 )"
+	rounds=$((rounds + 1))
+	wait_for 30 channels_are enbd0 4 || fail "channels not reconnected"
+	survivors=$(channel_ports 10809 | grep -Fx -f <(echo "$old"))
+	[ -z "$survivors" ] || fail "connections survived the reset (local ports: ${survivors//$'\n'/ })"
+	after=$(tag_field enbd0 stats resubmits)
+	echo "reset $rounds: resubmits $before -> $after"
+done
+[ "$after" -gt "$before" ] || fail "no request was resubmitted after $rounds resets of every channel"
+# request_timeout 5 s + 1 s: requests wait only for the reconnection.
+fio_verify_finish 300 6000
+# (The kernel rate-limits channel messages: 10 per 5 s, enough for one round.)
+case_log | grep -qE 'enbd0: channel [0-9]+ dropped' || fail "no channel drop in this case's kernel log"
 [ "$(channels_started)" -ge 8 ] || fail "channels were not all replaced ($(channels_started) started)"
-tag_field enbd0 stats resubmits
+grep '^enbd0 stats' /proc/nbdinfo
 run "$CLIENT" disconnect /dev/enbd0

@@ -18,7 +18,8 @@ sleep 2
 ports=($(channel_ports 10809))
 kill_conn 10809 "${ports[0]}"
 wait_for 30 channels_are enbd0 2 || fail "restarted helper did not reconnect"
-fio_verify_finish
+# request_timeout 5 s + 1 s: the reset channel's requests go to the other at once.
+fio_verify_finish 300 6000
 [ "$(channels_started)" -ge 3 ] || fail "the restarted helper replaced no channel"
 run "$CLIENT" disconnect /dev/enbd0
 wait_for 10 eval '! helper_running' || fail "helper or guardian still running after disconnect"

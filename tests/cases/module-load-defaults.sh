@@ -14,7 +14,7 @@ expect_eq "$(cat /sys/module/enbd/parameters/request_timeout)" 30 request_timeou
 expect_eq "$(cat /sys/module/enbd/parameters/dead_timeout)" 0 dead_timeout
 # An unconfigured device has no blocks: a read ends at once at EOF.
 dd if=/dev/enbd0 of=/dev/null bs=4096 count=1 iflag=direct 2>&1 | grep -q '^0+0 records in' || fail "read of an empty device"
-dmesg | grep -q 'enbd 0.1.0: 4 devices' || fail "no load message"
+case_log | grep -q 'enbd 0.1.0: 4 devices' || fail "no load message in this case's kernel log"
 unload_enbd
 [ ! -e /dev/enbd0 ] || fail "/dev/enbd0 still there after rmmod"
 [ ! -e /proc/nbdinfo ] || fail "/proc/nbdinfo still there after rmmod"

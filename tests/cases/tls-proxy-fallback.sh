@@ -13,6 +13,7 @@ sleep 5
 # Unlike kernel TLS, killing the helper kills its proxies and their channels;
 # the guardian's new helper reconnects, so I/O still ends without errors.
 run kill -9 "$(cat /run/enbd/enbd0.pid)"
-fio_verify_finish
+# request_timeout 5 s + 1 s: the guardian's new helper reconnects through new proxies.
+fio_verify_finish 300 6000
 [ "$(channels_started)" -ge 4 ] || fail "proxy channels not re-established"
 run "$CLIENT" disconnect /dev/enbd0

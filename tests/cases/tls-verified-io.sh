@@ -9,7 +9,15 @@ connect_enbd /dev/enbd0 10809 disk --channels 2 --tls --ca "$CERTS/ca-cert.pem" 
 grep '^enbd0 channel' /proc/nbdinfo
 expect_eq "$(grep -c '^enbd0 channel .*tls=ktls' /proc/nbdinfo)" 2 "channels with kernel TLS"
 fio_verify_start /dev/enbd0 256
-fio_verify_finish
+# No fault here: no request may even age (request_timeout, 30 s by default).
+fio_verify_finish 300 30000
+# Known data over TLS: what was written, what the device reads back and what
+# the server stored must be the same bytes.
+empty=$(md5sum </dev/null | cut -d' ' -f1)
+sum=$(write_random /dev/enbd0 32)
+expect_eq "$(md5_of /dev/enbd0 32)" "$sum" "data read back over TLS"
+dev_sum=$(md5_of /dev/enbd0 256)
+[ "$dev_sum" != "$empty" ] || fail "could not read /dev/enbd0 back"
 run "$CLIENT" disconnect /dev/enbd0
-dev_sum=$(md5_of /tmp/disk.img 256)
-[ -n "$dev_sum" ] || fail "no checksum"
+expect_eq "$(md5_of /tmp/disk.img 32)" "$sum" "server file: the data written over TLS"
+expect_eq "$(md5_of /tmp/disk.img 256)" "$dev_sum" "server file vs the whole device read back over TLS"
