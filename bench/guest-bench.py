@@ -504,13 +504,15 @@ def main():
         for c in (1, 2, 4):
             plan.append((LinuxNbd(server, c), list(WORKLOADS)))
             plan.append((Enbd(server, c), list(WORKLOADS)))
-    # The userspace TLS proxy runs in quick mode again. Its one stall (1 of 3
-    # runs, 2026-11-23) is not explained; each enbd target now starts only
-    # once the previous one's helper and guardian have exited (see
-    # Enbd.__enter__/__exit__), and a stall leaves a diag-*.txt in $ENBD_OUT.
-    plan += [(Enbd("enbd-server", 1, tls="ktls"), list(WORKLOADS)),
-             (Enbd("enbd-server", 1, tls="proxy"), list(WORKLOADS)),
-             (LinuxNbdTls(1), list(WORKLOADS))]
+    # The userspace TLS proxy stays out of quick mode (CI): its stall (1 of 3
+    # bench runs on 2026-11-23; on the debug kernel on 2026-11-25, writes
+    # through proxy channels re-opened after a helper kill timing out
+    # again and again) is not explained yet. The full bench and the QEMU
+    # case tls-proxy-fallback run it; a stall leaves a diag-*.txt in $ENBD_OUT.
+    plan += [(Enbd("enbd-server", 1, tls="ktls"), list(WORKLOADS))]
+    if not a.quick:
+        plan += [(Enbd("enbd-server", 1, tls="proxy"), list(WORKLOADS))]
+    plan += [(LinuxNbdTls(1), list(WORKLOADS))]
     # Scaling beyond 4 connections: 8 on both sides.
     plan += [(LinuxNbd("enbd-server", 8), list(SCALING_WORKLOADS)),
              (Enbd("enbd-server", 8), list(SCALING_WORKLOADS))]
