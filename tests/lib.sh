@@ -356,6 +356,19 @@ busiest_port() {
 	conn_bytes "$1" | head -n1 | cut -d' ' -f1
 }
 
+# The local port of a connection to port $1 that carries requests now: the
+# one with the most bytes queued either way, else the busiest so far. (With
+# demand multiplexing some channels sit idle, and resetting an idle one
+# moves nothing.)
+loaded_port() {
+	local p
+	p=$(ss -Htn state established "( dport = :$1 )" |
+		awk '$1 + $2 > 0 { port = $3; sub(/.*:/, "", port); print $1 + $2, port }' |
+		sort -k1,1nr | head -n1 | cut -d' ' -f2)
+	[ -n "$p" ] || p=$(busiest_port "$1")
+	echo "$p"
+}
+
 # Like fio_verify_start, on the $3 MiB from $2 MiB into device $1 ($4 MiB of
 # writes in all, default twice the region); finish with fio_verify_finish
 # or fio_verify_finish_except.

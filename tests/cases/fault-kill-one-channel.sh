@@ -16,12 +16,13 @@ while [ "$after" = "$before" ] && [ "$kills" -lt 3 ]; do
 	wait_for 10 io_in_flight enbd0 || fail "no request in flight on enbd0"
 	ports=($(channel_ports 10809))
 	[ "${#ports[@]}" = 4 ] || fail "expected 4 connections, found ${#ports[@]}"
-	kill_conn 10809 "${ports[0]}"
+	port=$(loaded_port 10809)
+	kill_conn 10809 "$port"
 	kills=$((kills + 1))
 	wait_for 30 channels_are enbd0 4 || fail "channel not replaced"
-	channel_ports 10809 | grep -qx "${ports[0]}" && fail "the reset connection (port ${ports[0]}) is still there"
+	channel_ports 10809 | grep -qx "$port" && fail "the reset connection (port $port) is still there"
 	after=$(tag_field enbd0 stats resubmits)
-	echo "reset $kills (port ${ports[0]}): resubmits $before -> $after"
+	echo "reset $kills (port $port): resubmits $before -> $after"
 done
 [ "$after" -gt "$before" ] || fail "no request moved to another channel in $kills resets (resubmits stayed $after)"
 grep '^enbd0 ' /proc/nbdinfo
