@@ -16,6 +16,19 @@ fn write_pem(dir: &std::path::Path, name: &str, pem: &str) -> std::path::PathBuf
     p
 }
 
+/// Completes a TLS client handshake with "localhost" on `tcp`.
+fn client_handshake(
+    tcp: TcpStream,
+    cfg: Arc<rustls::ClientConfig>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let name = enbd_tls::server_name("localhost").unwrap();
+    let mut c = rustls::StreamOwned::new(rustls::ClientConnection::new(cfg, name).unwrap(), tcp);
+    while c.conn.is_handshaking() {
+        c.conn.complete_io(&mut c.sock).unwrap();
+    }
+    c
+}
+
 /// A self-signed certificate for "localhost" in a fresh directory (removed
 /// by the caller), and the server and client configurations that use it.
 fn tls_pair(
@@ -63,15 +76,7 @@ fn proxies_echo_16_mib_both_ways_without_deadlock() {
         pump.join().unwrap();
     });
 
-    let tcp = TcpStream::connect(addr).unwrap();
-    let name = enbd_tls::server_name("localhost").unwrap();
-    let mut c = rustls::StreamOwned::new(
-        rustls::ClientConnection::new(client_cfg, name).unwrap(),
-        tcp,
-    );
-    while c.conn.is_handshaking() {
-        c.conn.complete_io(&mut c.sock).unwrap();
-    }
+    let c = client_handshake(TcpStream::connect(addr).unwrap(), client_cfg);
     let (plain, pump) = enbd_tls::proxy::spawn(rustls::Connection::Client(c.conn), c.sock).unwrap();
     let total = 16 << 20;
     let data: Vec<u8> = (0..total).map(|i| (i * 7 + i / 4096) as u8).collect();
@@ -127,15 +132,7 @@ fn delivers_plaintext_buffered_before_the_handoff() {
         let _ = done_rx.recv();
     });
 
-    let tcp = TcpStream::connect(addr).unwrap();
-    let name = enbd_tls::server_name("localhost").unwrap();
-    let mut c = rustls::StreamOwned::new(
-        rustls::ClientConnection::new(client_cfg, name).unwrap(),
-        tcp,
-    );
-    while c.conn.is_handshaking() {
-        c.conn.complete_io(&mut c.sock).unwrap();
-    }
+    let mut c = client_handshake(TcpStream::connect(addr).unwrap(), client_cfg);
     // Read until rustls holds the hello as plaintext, but leave it there.
     while c.conn.wants_read() {
         c.conn.complete_io(&mut c.sock).unwrap();
@@ -317,12 +314,7 @@ fn carries_nbd_like_traffic_on_several_channels() {
         std::thread::spawn(move || {
             let tcp = TcpStream::connect(addr).unwrap();
             tcp.set_nodelay(true).unwrap();
-            let name = enbd_tls::server_name("localhost").unwrap();
-            let mut cl =
-                rustls::StreamOwned::new(rustls::ClientConnection::new(cfg, name).unwrap(), tcp);
-            while cl.conn.is_handshaking() {
-                cl.conn.complete_io(&mut cl.sock).unwrap();
-            }
+            let cl = client_handshake(tcp, cfg);
             let (plain, pump) =
                 enbd_tls::proxy::spawn(rustls::Connection::Client(cl.conn), cl.sock).unwrap();
             drive_requests(plain, 12345 + c, 400);
