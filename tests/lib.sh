@@ -192,10 +192,26 @@ fio_verify_start() {
 # say). With ENBD_TIME_FACTOR (the debug kernel: a slower guest), the wait is
 # multiplied by it and the bound gets (factor - 1) s more slack: timeouts run
 # on the guest's clock, but everything around them is slower.
+# What a stalled data path looks like from here, for the case's log: the
+# devices, the sockets, and where the helpers' and servers' threads wait.
+dump_stall() {
+	echo "--- stall: /proc/nbdinfo, sockets, threads"
+	grep -v ' state=unconfigured\| requests=0 ' /proc/nbdinfo
+	ss -tnpi
+	ss -xnp | grep enbd
+	local p t
+	for p in $(pgrep -f 'enbd-(client|server)'); do
+		echo "pid $p: $(tr '\0' ' ' <"/proc/$p/cmdline" | cut -c1-120)"
+		for t in /proc/"$p"/task/*; do echo "  ${t##*/} $(cat "$t/comm") $(cat "$t/wchan")"; done
+		command -v gdb >/dev/null &&
+			timeout 60 gdb -p "$p" -batch -ex 'thread apply all bt 12' 2>&1 | grep -E '^(Thread|#)' | cut -c1-160
+	done
+}
+
 fio_verify_finish() {
 	local factor=${ENBD_TIME_FACTOR:-1}
 	local limit=$((${1:-300} * factor)) max_stall=${2:-} rc=0
-	wait_for "$limit" test -f /tmp/fio.rc || fail "fio did not finish within ${limit}s"
+	wait_for "$limit" test -f /tmp/fio.rc || { dump_stall; fail "fio did not finish within ${limit}s"; }
 	wait "$FIO_PID" 2>/dev/null
 	cat /tmp/fio.out
 	[ "$(cat /tmp/fio.rc)" = 0 ] || fail "fio failed (rc $(cat /tmp/fio.rc))"
@@ -357,16 +373,40 @@ busiest_port() {
 }
 
 # The local port of a connection to port $1 that carries requests now: the
-# one with the most bytes queued either way, else the busiest so far. (With
-# demand multiplexing some channels sit idle, and resetting an idle one
-# moves nothing.)
+# one with the most bytes queued either way (request data not yet taken by
+# the server, or a reply not yet read). Fails if every connection is empty
+# at this instant: with demand multiplexing some channels sit idle, and
+# resetting an idle one moves nothing.
 loaded_port() {
 	local p
 	p=$(ss -Htn state established "( dport = :$1 )" |
 		awk '$1 + $2 > 0 { port = $3; sub(/.*:/, "", port); print $1 + $2, port }' |
 		sort -k1,1nr | head -n1 | cut -d' ' -f2)
-	[ -n "$p" ] || p=$(busiest_port "$1")
-	echo "$p"
+	[ -n "$p" ] && echo "$p"
+}
+
+# Keeps reads in flight on every channel of device $1 (random 4 KiB reads,
+# 32 deep) until read_load_stop: fio's verified writes alone leave channels
+# idle most of the time, and a fault case must hit requests in flight.
+read_load_start() {
+	fio --name=load --filename="$1" --direct=1 --ioengine=libaio --iodepth=32 --rw=randread \
+		--bs=4k --time_based --runtime=3600 --output=/tmp/fio-load.out >/dev/null 2>&1 &
+	LOAD_PID=$!
+}
+
+read_load_stop() {
+	kill "$LOAD_PID" 2>/dev/null
+	wait "$LOAD_PID" 2>/dev/null
+}
+
+# Like loaded_port, polling for up to $2 seconds until a connection carries
+# requests.
+wait_loaded_port() {
+	local end=$((SECONDS + $2))
+	until loaded_port "$1"; do
+		[ $SECONDS -lt $end ] || return 1
+		sleep 0.05
+	done
 }
 
 # Like fio_verify_start, on the $3 MiB from $2 MiB into device $1 ($4 MiB of
@@ -390,7 +430,7 @@ fio_verify_start_at() {
 # $2 (512-byte units) of enbd devices, where the case provoked them.
 fio_verify_finish_except() {
 	local first=$1 last=$2 limit=${3:-300}
-	wait_for "$limit" test -f /tmp/fio.rc || fail "fio did not finish within ${limit}s"
+	wait_for "$limit" test -f /tmp/fio.rc || { dump_stall; fail "fio did not finish within ${limit}s"; }
 	wait "$FIO_PID" 2>/dev/null
 	cat /tmp/fio.out
 	[ "$(cat /tmp/fio.rc)" = 0 ] || fail "fio failed (rc $(cat /tmp/fio.rc))"

@@ -4,7 +4,10 @@ load_enbd request_timeout=5 dead_timeout=120
 make_backing /tmp/disk.img 256
 start_server 10809 disk=/tmp/disk.img
 connect_enbd /dev/enbd0 10809 disk --channels 4 --retry-max 1
-fio_verify_start /dev/enbd0
+# 1.5 GiB of verified I/O: still running after the resets below, however
+# fast this guest is; reads beside it keep requests on every channel.
+fio_verify_start /dev/enbd0 1536
+read_load_start /dev/enbd0
 sleep 8
 # Reset every channel while requests are in flight, so some must be
 # resubmitted; should none have been (all idle that instant), again (3 tries).
@@ -23,6 +26,7 @@ while [ "$after" = "$before" ] && [ "$rounds" -lt 3 ]; do
 	after=$(tag_field enbd0 stats resubmits)
 	echo "reset $rounds: resubmits $before -> $after"
 done
+read_load_stop
 [ "$after" -gt "$before" ] || fail "no request was resubmitted after $rounds resets of every channel"
 # request_timeout 5 s + 1 s: requests wait only for the reconnection.
 fio_verify_finish 300 6000

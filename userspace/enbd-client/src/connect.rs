@@ -209,30 +209,66 @@ impl TlsOpts {
     }
 }
 
-/// A negotiated connection, ready for `IOC_ADD_SOCK`.
+/// A negotiated connection; [`Handoff::ready`] makes it one for `IOC_ADD_SOCK`.
 pub enum Handoff {
     Plain(Stream),
     /// TCP with the TLS session in the kernel.
     Ktls(TcpStream),
+    /// A TLS session that stays in userspace, its proxy thread not started
+    /// yet: `connect` only probes with it and forks afterwards, and a thread
+    /// does not survive a fork (nor may one run while the process forks).
+    Proxy(Box<(rustls::ClientConnection, TcpStream)>),
+}
+
+/// A connection ready for `IOC_ADD_SOCK`.
+pub enum Ready {
+    Plain(Stream),
+    Ktls(TcpStream),
     /// Plaintext end of a socketpair; a proxy thread of this process does TLS.
-    Proxy(UnixStream),
+    Proxied(UnixStream),
 }
 
 impl Handoff {
+    /// Starts the proxy thread of a userspace TLS session, in this process.
+    pub fn ready(self) -> Result<Ready> {
+        Ok(match self {
+            Handoff::Plain(s) => Ready::Plain(s),
+            Handoff::Ktls(s) => Ready::Ktls(s),
+            Handoff::Proxy(b) => {
+                let (conn, sock) = *b;
+                let (inner, _pump) = enbd_tls::proxy::spawn(rustls::Connection::Client(conn), sock)
+                    .context("cannot start the TLS proxy thread")?;
+                Ready::Proxied(inner)
+            }
+        })
+    }
+
+    /// Ends a connection that is not handed in; a TLS session says so
+    /// with close_notify.
+    pub fn close(self) {
+        if let Handoff::Proxy(b) = self {
+            let (mut conn, mut sock) = *b;
+            conn.send_close_notify();
+            while conn.wants_write() && conn.write_tls(&mut sock).is_ok() {}
+        }
+    }
+}
+
+impl Ready {
     pub fn fd(&self) -> std::os::fd::RawFd {
         match self {
-            Handoff::Plain(s) => s.as_raw_fd(),
-            Handoff::Ktls(s) => s.as_raw_fd(),
-            Handoff::Proxy(s) => s.as_raw_fd(),
+            Ready::Plain(s) => s.as_raw_fd(),
+            Ready::Ktls(s) => s.as_raw_fd(),
+            Ready::Proxied(s) => s.as_raw_fd(),
         }
     }
 
     /// `SockArg::flags` for this connection.
     pub fn flags(&self) -> u32 {
         match self {
-            Handoff::Plain(_) => 0,
-            Handoff::Ktls(_) => uapi::SOCK_KTLS,
-            Handoff::Proxy(_) => uapi::SOCK_TLS_PROXY,
+            Ready::Plain(_) => 0,
+            Ready::Ktls(_) => uapi::SOCK_KTLS,
+            Ready::Proxied(_) => uapi::SOCK_TLS_PROXY,
         }
     }
 }
@@ -298,8 +334,7 @@ fn open_tls_channel(
             warn!(
                 "{e}; keeping TLS in a userspace proxy: the data path now depends on this helper"
             );
-            let (inner, _pump) = enbd_tls::proxy::spawn(rustls::Connection::Client(conn), sock)?;
-            Ok((Handoff::Proxy(inner), info))
+            Ok((Handoff::Proxy(Box::new((conn, sock))), info))
         }
         Err(e) => Err(anyhow::Error::new(e)
             .context("use --tls-fallback proxy to run TLS in userspace instead")),
@@ -536,19 +571,22 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         return Err(e);
     }
     let mut proxied = 0;
-    for s in &streams {
+    for s in streams {
         if matches!(s, Handoff::Proxy(_)) {
             // Its proxy thread would not survive the fork into the
             // background; the helper opens these channels itself.
             proxied += 1;
+            s.close();
             continue;
         }
-        if let Err(e) = dev.add_sock(s.fd(), s.flags(), &cfg.token) {
+        let added = s
+            .ready()
+            .and_then(|s| Ok(dev.add_sock(s.fd(), s.flags(), &cfg.token)?));
+        if let Err(e) = added {
             let _ = dev.eject();
-            return Err(e.into());
+            return Err(e);
         }
     }
-    drop(streams);
     if proxied > 0 {
         println!(
             "{}: {proxied} TLS proxy channel(s) will be opened by the helper",

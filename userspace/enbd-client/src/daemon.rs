@@ -457,6 +457,7 @@ fn reconnect(dev: &EnbdDev, state: &State, t: &Target) -> Result<()> {
             state.flags
         );
     }
+    let s = s.ready()?;
     dev.add_sock(s.fd(), s.flags(), &state.token)?;
     Ok(())
 }
