@@ -111,7 +111,8 @@ CERTS = "/tmp/bench/certs"
 
 class Servers:
     """nbdkit (file plugin) and enbd-server (plaintext, and TLS on its own
-    port) on the same backing file."""
+    port) on the same backing file: the two enbd-servers serve it ',shared'
+    (one target runs at a time)."""
 
     PORTS = {"nbdkit": 10821, "enbd-server": 10822, "enbd-server-tls": 10823}
 
@@ -124,12 +125,12 @@ class Servers:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.procs.append(subprocess.Popen(
             [f"{BIN}/enbd-server", "--listen", f"127.0.0.1:{self.PORTS['enbd-server']}",
-             "--export", f"disk={BACKING}"],
+             "--export", f"disk={BACKING},shared"],
             stdout=subprocess.DEVNULL, stderr=open(f"{OUT}/enbd-server.log", "w")))
         sh(["bash", f"{ROOT}/tests/tools/mkcerts.sh", CERTS])
         self.procs.append(subprocess.Popen(
             [f"{BIN}/enbd-server", "--listen", f"127.0.0.1:{self.PORTS['enbd-server-tls']}",
-             "--export", f"disk={BACKING}", "--tls-cert", f"{CERTS}/server-cert.pem",
+             "--export", f"disk={BACKING},shared", "--tls-cert", f"{CERTS}/server-cert.pem",
              "--tls-key", f"{CERTS}/server-key.pem", "--tls-client-ca", f"{CERTS}/ca-cert.pem"],
             stdout=subprocess.DEVNULL, stderr=open(f"{OUT}/enbd-server-tls.log", "w")))
         for p in self.PORTS.values():

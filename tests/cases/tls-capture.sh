@@ -25,6 +25,9 @@ run "$CLIENT" disconnect /dev/enbd0
 plain=$(canary_count /tmp/plain.pcap)
 echo "plaintext capture: $plain canaries"
 [ "$plain" -gt 100 ] || fail "the plaintext capture does not show the pattern ($plain): capture broken"
+# The TLS server below serves the same image, which this one has locked.
+kill "$SERVER_PID"
+wait "$SERVER_PID" 2>/dev/null
 start_tls_server 10809 --export disk=/tmp/disk.img
 connect_enbd /dev/enbd0 10809 disk --tls --ca "$CERTS/ca-cert.pem"
 capture_write 10809 /tmp/tls.pcap

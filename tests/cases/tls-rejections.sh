@@ -12,8 +12,12 @@ kill "$SERVER_PID"
 wait "$SERVER_PID" 2>/dev/null
 "$SERVER" --listen 127.0.0.1:10811 --tls-cert "$CERTS/expired-cert.pem" --tls-key "$CERTS/server-key.pem" \
 	--export disk=/tmp/disk.img >/tmp/expired.log 2>&1 &
+expired=$!
 wait_port 10811
 must_fail "invalid peer certificate: certificate expired" "$CLIENT" connect /dev/enbd0 127.0.0.1:10811 --export disk --tls --ca "$CERTS/ca-cert.pem"
+# The next server serves the same image, which this one has locked.
+kill "$expired"
+wait "$expired" 2>/dev/null
 start_tls_server 10812 --tls-client-ca "$CERTS/ca-cert.pem" --export disk=/tmp/disk.img
 must_fail "client certificate.*CertificateRequired" "$CLIENT" connect /dev/enbd0 127.0.0.1:10812 --export disk --tls --ca "$CERTS/ca-cert.pem"
 # with the client certificate, the same server accepts us

@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
@@ -14,9 +14,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Where the data lives, for logs.
     fn path(&self) -> &Path;
     fn read_only(&self) -> bool;
-    /// The descriptor to `sendfile` read replies from.
-    fn fd(&self) -> RawFd;
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Fills `buf` from offset `off`; a short read (the file shrank) is an
+    /// error, so the request fails rather than the connection.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Writes `buf` at `off`; with `fua` it is durable on return
+    /// (`RWF_DSYNC` on this range, not a flush of the whole file).
+    fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// Discards a range; a hint, so "not supported" is success.
@@ -41,8 +44,8 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 impl Backend {
     /// Opens `path` (read-only if `read_only`), checking it is a regular file
-    /// or a block device.
-    pub fn open(path: &Path, read_only: bool) -> anyhow::Result<Self> {
+    /// or a block device, and locks it unless `shared` (see [`lock_image`]).
+    pub fn open(path: &Path, read_only: bool, shared: bool) -> anyhow::Result<Self> {
         use anyhow::Context;
         let ft = std::fs::metadata(path)
             .with_context(|| format!("cannot open {}", path.display()))?
@@ -59,6 +62,10 @@ impl Backend {
             .write(!read_only)
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
+        if !shared {
+            lock_image(&file, read_only)
+                .with_context(|| format!("cannot serve {}", path.display()))?;
+        }
         // Works for both kinds; a block device's metadata length is 0.
         let size = {
             use std::io::Seek;
@@ -72,11 +79,6 @@ impl Backend {
             block_device,
             read_only,
         })
-    }
-
-    #[cfg(test)]
-    pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, off)
     }
 
     fn range_ioctl(&self, req: libc::c_ulong, off: u64, len: u64) -> io::Result<()> {
@@ -102,6 +104,50 @@ impl Backend {
     }
 }
 
+/// Another process holds a conflicting lock on the image.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "it is in use: another process (another enbd-server, qemu, ...) holds a {held} lock \
+     on it; add ',shared' to the export to serve it anyway"
+)]
+pub struct ImageLocked {
+    held: &'static str,
+}
+
+/// Takes an open-file-description lock on the whole image: shared when
+/// serving read-only, exclusive when writing, so two writers (or a writer
+/// and a reader) cannot serve one image and corrupt it. The lock lives as
+/// long as the descriptor; qemu takes the same kind of lock on its images.
+fn lock_image(file: &File, read_only: bool) -> anyhow::Result<()> {
+    // SAFETY: an all-zero `flock` is a valid value (a lock on the whole
+    // file from offset 0); the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: `fl` is a valid flock for F_OFD_SETLK on our descriptor.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+        return Err(anyhow::Error::new(e).context("cannot lock it"));
+    }
+    // Which lock is in the way, for the message.
+    // SAFETY: as above; F_OFD_GETLK fills `fl` with the conflicting lock.
+    let held = if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } == 0
+        && fl.l_type == libc::F_RDLCK as libc::c_short
+    {
+        "read"
+    } else {
+        "write"
+    };
+    Err(ImageLocked { held }.into())
+}
+
 impl Storage for Backend {
     fn size(&self) -> u64 {
         self.size
@@ -115,12 +161,50 @@ impl Storage for Backend {
         self.read_only
     }
 
-    fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, off)
     }
 
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, off)
+    fn write_at(&self, mut buf: &[u8], mut off: u64, fua: bool) -> io::Result<()> {
+        if !fua {
+            return self.file.write_all_at(buf, off);
+        }
+        while !buf.is_empty() {
+            let iov = libc::iovec {
+                iov_base: buf.as_ptr().cast_mut().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: `iov` describes `buf`, valid for reads for the call;
+            // pwritev2 only reads from it.
+            let n = unsafe {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    off as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // A kernel or file system without RWF_DSYNC: the same
+                    // guarantee the slow way.
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+                        self.file.write_all_at(buf, off)?;
+                        return self.file.sync_data();
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n as usize..];
+            off += n as u64;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -174,7 +258,7 @@ impl Storage for Backend {
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(zeroes.len() as u64) as usize;
-                    self.write_at(&zeroes[..n], off + done)?;
+                    self.write_at(&zeroes[..n], off + done, false)?;
                     done += n as u64;
                 }
                 Ok(())
@@ -191,7 +275,7 @@ mod tests {
     fn temp(len: usize) -> (PathBuf, Backend) {
         let p = std::env::temp_dir().join(format!("enbd-backend-{}-{}", std::process::id(), len));
         std::fs::write(&p, vec![0xabu8; len]).unwrap();
-        let b = Backend::open(&p, false).unwrap();
+        let b = Backend::open(&p, false, false).unwrap();
         (p, b)
     }
 
@@ -199,14 +283,16 @@ mod tests {
     fn read_write_zero_trim() {
         let (p, b) = temp(1 << 16);
         assert_eq!(b.size(), 1 << 16);
-        b.write_at(&[1, 2, 3], 100).unwrap();
+        b.write_at(&[1, 2, 3], 100, false).unwrap();
         let mut buf = [0u8; 4];
         b.read_at(&mut buf, 99).unwrap();
         assert_eq!(buf, [0xab, 1, 2, 3]);
         b.write_zeroes(0, 8192, false).unwrap();
         b.read_at(&mut buf, 100).unwrap();
         assert_eq!(buf, [0; 4]);
-        b.write_at(&[9; 4], 8192).unwrap();
+        b.write_at(&[9; 4], 8192, true).unwrap();
+        b.read_at(&mut buf, 8192).unwrap();
+        assert_eq!(buf, [9; 4], "a FUA write lands like any other");
         b.trim(8192, 4096).unwrap();
         b.flush().unwrap();
         assert!(
@@ -217,13 +303,37 @@ mod tests {
     }
 
     #[test]
+    fn an_image_in_use_is_refused_unless_shared() {
+        let (p, writer) = temp(4096);
+        let e = format!("{:#}", Backend::open(&p, false, false).unwrap_err());
+        assert!(
+            e.contains("in use") && e.contains("write lock") && e.contains(",shared"),
+            "{e}"
+        );
+        let e = format!("{:#}", Backend::open(&p, true, false).unwrap_err());
+        assert!(e.contains("in use"), "a reader next to a writer: {e}");
+        Backend::open(&p, false, true).expect("shared overrides the lock");
+        drop(writer);
+        // Readers share; a writer is kept out while one reads.
+        let r1 = Backend::open(&p, true, false).unwrap();
+        let _r2 = Backend::open(&p, true, false).expect("two readers");
+        let e = format!("{:#}", Backend::open(&p, false, false).unwrap_err());
+        assert!(e.contains("read lock"), "{e}");
+        drop((r1, _r2));
+        Backend::open(&p, false, false).expect("the lock ends with its holder");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
     fn refuses_directories_and_missing_files() {
-        let e = Backend::open(Path::new("/"), true).unwrap_err().to_string();
+        let e = Backend::open(Path::new("/"), true, false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("neither a regular file nor a block device"),
             "{e}"
         );
-        let e = Backend::open(Path::new("/nonexistent/x"), true).unwrap_err();
+        let e = Backend::open(Path::new("/nonexistent/x"), true, false).unwrap_err();
         assert!(format!("{e:#}").contains("No such file"), "{e:#}");
     }
 }

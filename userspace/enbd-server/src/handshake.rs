@@ -55,6 +55,13 @@ pub enum HandshakeError {
     Tls(io::Error),
 }
 
+impl HandshakeError {
+    /// Whether the handshake ran out of time (see [`Link::set_deadline`]).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Io(e) | Self::Tls(e) if e.kind() == io::ErrorKind::TimedOut)
+    }
+}
+
 fn reply(s: &mut impl Write, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
     let mut buf = Vec::with_capacity(OptionReplyHeader::LEN + payload.len());
     buf.extend_from_slice(
@@ -118,8 +125,9 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
         let mut payload = vec![0u8; h.length as usize];
         s.read_exact(&mut payload)?;
         debug!(option = opt::name(h.option), len = h.length, "option");
+        // TLS is for TCP: a unix socket is as private as its permissions.
         if tls.mode == TlsMode::Require
-            && !s.is_tls()
+            && matches!(s, Link::Tcp(_))
             && !matches!(h.option, opt::STARTTLS | opt::ABORT)
         {
             if h.option == opt::EXPORT_NAME {
@@ -142,7 +150,10 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                     Err((rep::ERR_INVALID, b"TLS is already on"))
                 } else {
                     match &tls.config {
-                        Some(c) if tls.mode != TlsMode::Off && matches!(s, Link::Tcp(_)) => Ok(c),
+                        Some(c) if tls.mode != TlsMode::Off => match s {
+                            Link::Tcp(_) => Ok(c),
+                            _ => Err((rep::ERR_UNSUP, b"TLS is for TCP connections only")),
+                        },
                         _ => Err((rep::ERR_UNSUP, b"TLS is not configured on this server")),
                     }
                 };
@@ -249,6 +260,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::os::unix::net::UnixStream;
     use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
 
     use enbd_core::wire::{
         decode_list_entry, tx, IHAVEOPT, MAX_OPTION_LEN, NBDMAGIC, OPT_REPLY_MAGIC,
@@ -303,7 +315,7 @@ mod tests {
         let (client, server) = pair();
         let exports = f.exports.clone();
         let t = std::thread::spawn(move || {
-            let mut link = Link::Unix(server);
+            let mut link = Link::unix(server);
             outcome(run(&mut link, &exports, &tls))
         });
         (client, t)
@@ -671,7 +683,8 @@ mod tests {
     fn tls_required_refuses_plaintext_options_with_err_tls_reqd() {
         let f = fixture();
         let (server_cfg, _) = tls_configs();
-        let (mut c, t) = open(&f, policy(TlsMode::Require, Some(server_cfg)));
+        let (mut c, t) = start_tcp(&f, policy(TlsMode::Require, Some(server_cfg)));
+        greet(&mut c, FIXED | handshake::C_NO_ZEROES);
         for (o, p) in [
             (opt::GO, go_payload(b"disk", &[])),
             (opt::INFO, go_payload(b"disk", &[])),
@@ -682,31 +695,57 @@ mod tests {
             let msg = expect(&mut c, o, &p, rep::ERR_TLS_REQD);
             assert_eq!(msg, b"TLS is required: use NBD_OPT_STARTTLS");
         }
-        // TLS applies to TCP only: on a unix socket STARTTLS is unsupported.
-        expect(&mut c, opt::STARTTLS, &[], rep::ERR_UNSUP);
-        abort(c, t);
+        expect(&mut c, opt::ABORT, &[], rep::ACK);
+        let (ended, is_tls) = t.join().unwrap();
+        assert_eq!((ended.unwrap(), is_tls), (None, false));
     }
 
     #[test]
     fn tls_required_closes_a_plaintext_export_name() {
         let f = fixture();
-        let (mut c, t) = open(&f, policy(TlsMode::Require, None));
+        let (mut c, t) = start_tcp(&f, policy(TlsMode::Require, None));
+        greet(&mut c, FIXED | handshake::C_NO_ZEROES);
         send_option(&mut c, opt::EXPORT_NAME, b"disk");
-        assert_eq!(t.join().unwrap().unwrap(), None);
+        assert_eq!(t.join().unwrap().0.unwrap(), None);
         assert!(read_rest(&mut c).is_empty());
+    }
+
+    #[test]
+    fn unix_clients_are_exempt_from_required_tls() {
+        // Documentation/cli.md: "TLS applies to TCP clients only."
+        let f = fixture();
+        let (server_cfg, _) = tls_configs();
+        let (mut c, t) = open(&f, policy(TlsMode::Require, Some(server_cfg)));
+        let msg = expect(&mut c, opt::STARTTLS, &[], rep::ERR_UNSUP);
+        assert_eq!(msg, b"TLS is for TCP connections only");
+        expect(&mut c, opt::GO, &go_payload(b"disk", &[]), rep::INFO);
+        let (h, _) = read_option_reply(&mut c);
+        assert_eq!(h.reply, rep::ACK);
+        assert_eq!(t.join().unwrap().unwrap().as_deref(), Some("disk"));
     }
 
     /// The handshake on a TCP connection from 127.0.0.1; returns the client
     /// end and how `run` ended, plus whether the link was TLS by then.
     fn start_tcp(f: &Fixture, tls: TlsPolicy) -> (TcpStream, JoinHandle<(Ended, bool)>) {
+        start_tcp_within(f, tls, None)
+    }
+
+    /// [`start_tcp`], with the handshake limited to `limit` from now.
+    fn start_tcp_within(
+        f: &Fixture,
+        tls: TlsPolicy,
+        limit: Option<Duration>,
+    ) -> (TcpStream, JoinHandle<(Ended, bool)>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         c.set_read_timeout(Some(PATIENCE)).unwrap();
         let (s, _) = l.accept().unwrap();
         s.set_read_timeout(Some(PATIENCE)).unwrap();
         let exports = f.exports.clone();
+        let deadline = limit.map(|l| Instant::now() + l);
         let t = std::thread::spawn(move || {
-            let mut link = Link::Tcp(s);
+            let mut link = Link::tcp(s);
+            link.set_deadline(deadline);
             let r = outcome(run(&mut link, &exports, &tls));
             (r, link.is_tls())
         });
@@ -795,5 +834,71 @@ mod tests {
         let (ended, is_tls) = t.join().unwrap();
         assert!(matches!(ended, Err(HandshakeError::Tls(_))), "{ended:?}");
         assert!(!is_tls);
+    }
+
+    const LIMIT: Duration = Duration::from_millis(500);
+
+    /// Checks that `t` ended in a timeout, well before the client was done.
+    fn timed_out(t: JoinHandle<(Ended, bool)>, start: Instant) {
+        let (ended, _) = t.join().unwrap();
+        let took = start.elapsed();
+        assert!(
+            matches!(&ended, Err(e) if e.is_timeout()),
+            "{ended:?} after {took:?}"
+        );
+        assert!(took < LIMIT * 4, "the handshake went on for {took:?}");
+    }
+
+    /// A TCP handshake with the deadline set, STARTTLS acknowledged.
+    fn start_tls_within(limit: Duration) -> (TcpStream, JoinHandle<(Ended, bool)>, Fixture) {
+        let f = fixture();
+        let (server_cfg, _) = tls_configs();
+        let (mut c, t) =
+            start_tcp_within(&f, policy(TlsMode::Allow, Some(server_cfg)), Some(limit));
+        greet(&mut c, FIXED);
+        expect(&mut c, opt::STARTTLS, &[], rep::ACK);
+        (c, t, f)
+    }
+
+    #[test]
+    fn a_client_stalling_before_its_options_times_out() {
+        let f = fixture();
+        let start = Instant::now();
+        let (mut c, t) = start_tcp_within(&f, off(), Some(LIMIT));
+        greet(&mut c, FIXED);
+        timed_out(t, start);
+        assert!(read_rest(&mut c).is_empty());
+    }
+
+    #[test]
+    fn a_client_stalling_the_tls_handshake_times_out() {
+        let start = Instant::now();
+        let (_c, t, _f) = start_tls_within(LIMIT);
+        timed_out(t, start);
+    }
+
+    #[test]
+    fn a_client_trickling_its_client_hello_times_out() {
+        let start = Instant::now();
+        let (mut c, t, _f) = start_tls_within(LIMIT);
+        let (_, client_cfg) = tls_configs();
+        let name = enbd_tls::server_name("localhost").unwrap();
+        let mut hello = Vec::new();
+        rustls::ClientConnection::new(client_cfg, name)
+            .unwrap()
+            .write_tls(&mut hello)
+            .unwrap();
+        // One byte every 20 ms: each read is quick, the whole takes seconds.
+        let gap = Duration::from_millis(20);
+        assert!(gap * hello.len() as u32 > LIMIT * 4);
+        std::thread::spawn(move || {
+            for b in hello {
+                std::thread::sleep(gap);
+                if c.write_all(&[b]).is_err() {
+                    return;
+                }
+            }
+        });
+        timed_out(t, start);
     }
 }

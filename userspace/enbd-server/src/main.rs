@@ -3,26 +3,32 @@
 mod backend;
 mod export;
 mod handshake;
+mod limits;
 mod link;
 #[cfg(test)]
 mod testutil;
 mod transmission;
 
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, Read};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use export::{ExportSpec, Exports};
 use handshake::{TlsMode, TlsPolicy};
-use link::Link;
+use limits::{AcceptBackoff, Limits};
+use link::{Bare, IdleLimit, Link};
 
 #[derive(Parser)]
 #[command(
@@ -42,7 +48,8 @@ struct Cli {
     /// TCP address to listen on.
     #[arg(short, long, default_value = "0.0.0.0:10809", value_name = "ADDR")]
     listen: String,
-    /// Also (or, with --no-tcp, only) listen on this unix socket.
+    /// Also (or, with --no-tcp, only) listen on this unix socket. A stale
+    /// socket left at PATH is replaced; any other file there is an error.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
     /// Do not listen on TCP.
@@ -54,9 +61,26 @@ struct Cli {
     /// Most connections served at once; more are refused.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// Most connections served at once from one IP address; more from it
+    /// are refused, so one client cannot take every --max-connections
+    /// slot. Unix-socket clients are not counted.
+    #[arg(long, default_value_t = 16, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_client: u32,
+    /// Seconds a client has for the whole handshake (greeting, options,
+    /// STARTTLS and its TLS handshake); one that takes longer is
+    /// disconnected. 0: no limit.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    handshake_timeout: u64,
+    /// Seconds a client may send nothing after the handshake before it is
+    /// disconnected. Requests still being executed do not count as
+    /// activity, so keep this well above the slowest request. 0: no limit.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    idle_timeout: u64,
     /// TLS policy for TCP clients: off, allow (STARTTLS optional) or
     /// require (plaintext clients get NBD_REP_ERR_TLS_REQD). Defaults to
-    /// require when --tls-cert is given, else off.
+    /// require when --tls-cert is given, else off. Unix-socket clients
+    /// never use TLS.
     #[arg(long, value_enum)]
     tls: Option<TlsMode>,
     /// Server certificate chain (PEM).
@@ -77,142 +101,50 @@ struct Shared {
     /// a close_notify.
     ktls_fds: std::sync::Mutex<Vec<std::os::fd::RawFd>>,
     workers: usize,
-    max_connections: usize,
-    active: AtomicUsize,
+    limits: Arc<Limits>,
+    handshake_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
 }
 
-/// Moves a TLS session into the kernel (or, failing that, behind a proxy
-/// thread) and serves the connection in plaintext from there on.
-fn serve_tls(
-    tls: rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-    export: Arc<export::Export>,
-    shared: &Shared,
-    peer: &str,
-) -> std::io::Result<transmission::ConnStats> {
-    let rustls::StreamOwned { conn, sock } = tls;
-    let fd = sock.as_raw_fd();
-    match enbd_tls::ktls::attach_ulp(fd) {
-        Ok(()) => {
-            enbd_tls::ktls::install(fd, rustls::Connection::Server(conn))
-                .map_err(std::io::Error::other)?;
-            let mut sock = sock;
-            shared.lock_ktls().push(fd);
-            let r = transmission::serve(&mut sock, fd, export, shared.workers);
-            shared.lock_ktls().retain(|&f| f != fd);
-            r
-        }
-        Err(e) => {
-            warn!(%peer, "{e}; serving this connection through a userspace TLS proxy");
-            // Write fencing watches the TCP socket itself for the client's
-            // hang-up: the proxy may still hold requests sent before it. The
-            // duplicate keeps the descriptor valid until serving ends.
-            let watch = sock.try_clone()?;
-            let (mut inner, _pump) =
-                enbd_tls::proxy::spawn(rustls::Connection::Server(conn), sock)?;
-            let fd = inner.as_raw_fd();
-            transmission::serve_watching(&mut inner, fd, watch.as_raw_fd(), export, shared.workers)
-        }
-    }
-}
-
-fn handle(mut s: Link, peer: String, shared: Arc<Shared>) {
-    let export = match handshake::run(&mut s, &shared.exports, &shared.tls) {
-        Ok(handshake::Outcome::Transmission(e)) => e,
-        Ok(handshake::Outcome::Closed) => {
-            info!(%peer, "handshake ended without an export");
-            return;
-        }
-        Err(e) => {
-            warn!(%peer, "handshake failed: {e}");
-            return;
-        }
-    };
-    info!(%peer, export = export.name(), tls = s.is_tls(), "serving");
-    let served = match s {
-        Link::Tcp(mut t) => {
-            let fd = t.as_raw_fd();
-            transmission::serve(&mut t, fd, export, shared.workers)
-        }
-        Link::Unix(mut u) => {
-            let fd = u.as_raw_fd();
-            transmission::serve(&mut u, fd, export, shared.workers)
-        }
-        Link::Tls(t) => serve_tls(*t, export, &shared, &peer),
-        Link::Upgrading => return,
-    };
-    match served {
-        Ok(st) => info!(
-            %peer,
-            requests = st.requests,
-            refused = st.errors,
-            dropped = st.dropped,
-            "disconnected"
-        ),
-        Err(e) => warn!(%peer, "connection closed: {e}"),
-    }
+/// `n` seconds, where 0 means no limit.
+fn secs(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
 }
 
 impl Shared {
+    fn new(cli: &Cli) -> Result<Self> {
+        // Option errors first: they need no image opened (and locked).
+        let tls = tls_policy(cli)?;
+        let exports = Exports::open(&cli.exports)?;
+        for e in exports.iter() {
+            info!(
+                export = e.name(),
+                path = %e.backend().path().display(),
+                size = e.size(),
+                ro = e.backend().read_only(),
+                "export ready"
+            );
+        }
+        Ok(Self {
+            exports,
+            tls,
+            ktls_fds: std::sync::Mutex::new(Vec::new()),
+            workers: usize::from(cli.workers),
+            limits: Arc::new(Limits::new(
+                cli.max_connections,
+                cli.max_connections_per_client as usize,
+            )),
+            handshake_timeout: secs(cli.handshake_timeout),
+            idle_timeout: secs(cli.idle_timeout),
+        })
+    }
+
     fn lock_ktls(&self) -> std::sync::MutexGuard<'_, Vec<std::os::fd::RawFd>> {
         self.ktls_fds.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// On SIGTERM or SIGINT: end every kernel-TLS session with close_notify,
-/// so clients see a clean TLS shutdown, then exit.
-fn shutdown_on_signal(shared: Arc<Shared>) -> Result<()> {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
-    std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        if !stop.load(Ordering::Relaxed) {
-            continue;
-        }
-        let fds = shared.lock_ktls();
-        let mut sent = 0;
-        let mut held = Vec::new();
-        for &fd in fds.iter() {
-            if enbd_tls::ktls::send_close_notify(fd).is_ok() {
-                sent += 1;
-            }
-            // SAFETY: the fd is registered only while its connection serves,
-            // and the lock held here keeps it from being closed. The dup
-            // keeps the socket open when its worker ends, so the peer reads
-            // the close_notify and our FIN rather than a reset.
-            unsafe {
-                held.push(libc::dup(fd));
-                libc::shutdown(fd, libc::SHUT_WR);
-            }
-        }
-        drop(fds);
-        info!("shutting down: sent TLS close_notify on {sent} connection(s)");
-        if sent > 0 {
-            // Time for the peers to act on the close_notify; exit resets
-            // whatever they still send.
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
-        std::process::exit(0);
-    });
-    Ok(())
-}
-
-fn spawn(s: Link, peer: String, shared: &Arc<Shared>) {
-    if shared.active.fetch_add(1, Ordering::SeqCst) >= shared.max_connections {
-        shared.active.fetch_sub(1, Ordering::SeqCst);
-        warn!(%peer, "refused: {} connections already", shared.max_connections);
-        return;
-    }
-    let shared = shared.clone();
-    std::thread::spawn(move || {
-        handle(s, peer, shared.clone());
-        shared.active.fetch_sub(1, Ordering::SeqCst);
-    });
-}
-
-fn run(cli: Cli) -> Result<()> {
-    let exports = Exports::open(&cli.exports)?;
+fn tls_policy(cli: &Cli) -> Result<TlsPolicy> {
     let config = match (&cli.tls_cert, &cli.tls_key) {
         (Some(cert), Some(key)) => Some(enbd_tls::server_config(
             cert,
@@ -239,57 +171,265 @@ fn run(cli: Cli) -> Result<()> {
     if mode != TlsMode::Off {
         info!(mode = ?mode, client_auth = cli.tls_client_ca.is_some(), "TLS enabled");
     }
-    for e in exports.iter() {
-        info!(
-            export = e.name(),
-            path = %e.backend().path().display(),
-            size = e.size(),
-            ro = e.backend().read_only(),
-            "export ready"
-        );
+    Ok(TlsPolicy { mode, config })
+}
+
+/// Serves a connection in plaintext, subject to the idle timeout.
+fn serve_plain<S: Read + AsRawFd>(
+    s: &mut S,
+    export: Arc<export::Export>,
+    shared: &Shared,
+) -> io::Result<transmission::ConnStats> {
+    let fd = s.as_raw_fd();
+    let mut s = IdleLimit::new(s, shared.idle_timeout);
+    transmission::serve(&mut s, fd, export, shared.workers)
+}
+
+/// Moves a TLS session into the kernel (or, failing that, behind a proxy
+/// thread) and serves the connection in plaintext from there on.
+fn serve_tls(
+    conn: Box<rustls::ServerConnection>,
+    mut sock: TcpStream,
+    export: Arc<export::Export>,
+    shared: &Shared,
+    peer: &str,
+) -> io::Result<transmission::ConnStats> {
+    let fd = sock.as_raw_fd();
+    match enbd_tls::ktls::attach_ulp(fd) {
+        Ok(()) => {
+            enbd_tls::ktls::install(fd, rustls::Connection::Server(*conn))
+                .map_err(io::Error::other)?;
+            shared.lock_ktls().push(fd);
+            let r = serve_plain(&mut sock, export, shared);
+            shared.lock_ktls().retain(|&f| f != fd);
+            r
+        }
+        Err(e) => {
+            warn!(%peer, "{e}; serving this connection through a userspace TLS proxy");
+            // Write fencing watches the TCP socket itself for the client's
+            // hang-up: the proxy may still hold requests sent before it. The
+            // duplicate keeps the descriptor valid until serving ends.
+            let watch = sock.try_clone()?;
+            let (mut inner, _pump) =
+                enbd_tls::proxy::spawn(rustls::Connection::Server(*conn), sock)?;
+            let fd = inner.as_raw_fd();
+            let mut inner = IdleLimit::new(&mut inner, shared.idle_timeout);
+            transmission::serve_watching(&mut inner, fd, watch.as_raw_fd(), export, shared.workers)
+        }
     }
-    let shared = Arc::new(Shared {
-        exports,
-        tls: TlsPolicy { mode, config },
-        ktls_fds: std::sync::Mutex::new(Vec::new()),
-        workers: usize::from(cli.workers),
-        max_connections: cli.max_connections,
-        active: AtomicUsize::new(0),
+}
+
+/// Runs the handshake within the handshake timeout; the export chosen, if
+/// any.
+fn negotiate(s: &mut Link, peer: &str, shared: &Shared) -> Option<Arc<export::Export>> {
+    s.set_deadline(shared.handshake_timeout.map(|t| Instant::now() + t));
+    match handshake::run(s, &shared.exports, &shared.tls) {
+        Ok(handshake::Outcome::Transmission(e)) => Some(e),
+        Ok(handshake::Outcome::Closed) => {
+            info!(%peer, "handshake ended without an export");
+            None
+        }
+        Err(e) if e.is_timeout() => {
+            let limit = shared.handshake_timeout.unwrap_or_default();
+            warn!(%peer, "handshake not done within {} s: disconnected", limit.as_secs());
+            None
+        }
+        Err(e) => {
+            warn!(%peer, "handshake failed: {e}");
+            None
+        }
+    }
+}
+
+fn handle(mut s: Link, peer: &str, shared: &Shared) {
+    let Some(export) = negotiate(&mut s, peer, shared) else {
+        return;
+    };
+    info!(%peer, export = export.name(), tls = s.is_tls(), "serving");
+    let served = s.into_bare().and_then(|bare| match bare {
+        Bare::Tcp(mut t) => serve_plain(&mut t, export, shared),
+        Bare::Unix(mut u) => serve_plain(&mut u, export, shared),
+        Bare::Tls(conn, sock) => serve_tls(conn, sock, export, shared, peer),
     });
+    match served {
+        Ok(st) => info!(
+            %peer,
+            requests = st.requests,
+            refused = st.errors,
+            dropped = st.dropped,
+            "disconnected"
+        ),
+        Err(e) => warn!(%peer, "connection closed: {e}"),
+    }
+}
+
+/// On SIGTERM or SIGINT: end every kernel-TLS session with close_notify,
+/// so clients see a clean TLS shutdown, then exit.
+fn shutdown_on_signal(shared: Arc<Shared>) -> Result<()> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let watch = move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if !stop.load(Ordering::Relaxed) {
+            continue;
+        }
+        let fds = shared.lock_ktls();
+        let mut sent = 0;
+        let mut held = Vec::new();
+        for &fd in fds.iter() {
+            if enbd_tls::ktls::send_close_notify(fd).is_ok() {
+                sent += 1;
+            }
+            // SAFETY: the fd is registered only while its connection serves,
+            // and the lock held here keeps it from being closed. The dup
+            // keeps the socket open when its worker ends, so the peer reads
+            // the close_notify and our FIN rather than a reset.
+            unsafe {
+                held.push(libc::dup(fd));
+                libc::shutdown(fd, libc::SHUT_WR);
+            }
+        }
+        drop(fds);
+        info!("shutting down: sent TLS close_notify on {sent} connection(s)");
+        if sent > 0 {
+            // Time for the peers to act on the close_notify; exit resets
+            // whatever they still send.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        std::process::exit(0);
+    };
+    std::thread::Builder::new()
+        .name("enbd-signals".into())
+        .spawn(watch)
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// A connection just accepted.
+struct Accepted {
+    link: Link,
+    /// Names the client in the logs.
+    peer: String,
+    /// What the per-client limit counts; none for unix sockets.
+    ip: Option<IpAddr>,
+}
+
+/// Serves a connection on its own thread, if the limits let it in.
+fn spawn(a: Accepted, shared: &Arc<Shared>) {
+    let Accepted { link, peer, ip } = a;
+    let slot = match shared.limits.admit(ip) {
+        Ok(slot) => slot,
+        Err(e) => {
+            warn!(%peer, "refused: {e}");
+            return;
+        }
+    };
+    let name = format!("conn {peer}");
+    let (shared, who) = (shared.clone(), peer.clone());
+    let started = std::thread::Builder::new().name(name).spawn(move || {
+        let _slot = slot;
+        handle(link, &who, &shared);
+    });
+    if let Err(e) = started {
+        // The closure is dropped: the connection closes, the slot is freed.
+        error!(%peer, "refused: cannot start a thread: {e}");
+    }
+}
+
+fn accept_tcp(l: &TcpListener) -> io::Result<Accepted> {
+    let (s, addr) = l.accept()?;
+    let _ = s.set_nodelay(true);
+    Ok(Accepted {
+        link: Link::tcp(s),
+        peer: addr.to_string(),
+        // An IPv4 client on a dual-stack socket counts as its IPv4 address.
+        ip: Some(addr.ip().to_canonical()),
+    })
+}
+
+fn accept_unix(l: &UnixListener, name: &str) -> io::Result<Accepted> {
+    let (s, _) = l.accept()?;
+    Ok(Accepted {
+        link: Link::unix(s),
+        peer: name.to_owned(),
+        ip: None,
+    })
+}
+
+/// Accepts connections forever. Errors that concern one connection are
+/// skipped; others (out of descriptors or memory) would repeat at once, so
+/// they are retried with backoff.
+fn accept_loop(mut accept: impl FnMut() -> io::Result<Accepted>, shared: &Arc<Shared>) -> ! {
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        match accept() {
+            Ok(a) => {
+                backoff.succeeded();
+                spawn(a, shared);
+            }
+            Err(e) if limits::is_transient(&e) => debug!("accept: {e}"),
+            Err(e) => {
+                let pause = backoff.failed(Instant::now());
+                if let Some(n) = pause.report {
+                    error!("accept: {e} ({n} failure(s) since the last report); pausing");
+                }
+                std::thread::sleep(pause.sleep);
+            }
+        }
+    }
+}
+
+/// Runs [`accept_loop`] on a thread of its own.
+fn listen(
+    name: &str,
+    accept: impl FnMut() -> io::Result<Accepted> + Send + 'static,
+    shared: &Arc<Shared>,
+) -> Result<JoinHandle<()>> {
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || accept_loop(accept, &shared))
+        .with_context(|| format!("cannot start the {name} thread"))
+}
+
+/// Clears the way for a unix socket at `path`: a socket left by an earlier
+/// run is removed, anything else is kept and is an error.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the old socket {}", path.display())),
+        Ok(_) => anyhow::bail!("refusing to replace {}: not a socket", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    remove_stale_socket(path)?;
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let shared = Arc::new(Shared::new(&cli)?);
     shutdown_on_signal(shared.clone())?;
     let mut listeners = Vec::new();
-    if let Some(path) = cli.unix.clone() {
-        let _ = std::fs::remove_file(&path);
-        let l = UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let Some(path) = cli.unix {
+        let l = bind_unix(&path)?;
         info!(path = %path.display(), "listening");
-        let shared = shared.clone();
-        listeners.push(std::thread::spawn(move || {
-            for s in l.incoming() {
-                match s {
-                    Ok(s) => spawn(Link::Unix(s), format!("unix:{}", path.display()), &shared),
-                    Err(e) => warn!("accept: {e}"),
-                }
-            }
-        }));
+        let name = format!("unix:{}", path.display());
+        listeners.push(listen(
+            "enbd-unix",
+            move || accept_unix(&l, &name),
+            &shared,
+        )?);
     }
     if !cli.no_tcp {
         let l = TcpListener::bind(&cli.listen)
             .with_context(|| format!("cannot listen on {}", cli.listen))?;
         info!(addr = %cli.listen, "listening");
-        let shared = shared.clone();
-        listeners.push(std::thread::spawn(move || {
-            for s in l.incoming() {
-                match s {
-                    Ok(s) => {
-                        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                        let _ = s.set_nodelay(true);
-                        spawn(Link::Tcp(s), peer, &shared);
-                    }
-                    Err(e) => warn!("accept: {e}"),
-                }
-            }
-        }));
+        listeners.push(listen("enbd-tcp", move || accept_tcp(&l), &shared)?);
     }
     for l in listeners {
         let _ = l.join();
@@ -312,5 +452,240 @@ fn main() -> ExitCode {
             eprintln!("enbd-server: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::SocketAddr;
+    use std::os::unix::net::UnixStream;
+
+    use enbd_core::wire::{handshake as hs, opt, rep, Cmd, GoRequest, Greeting, Request};
+
+    use super::*;
+    use crate::testutil::{
+        read_option_reply, read_reply, read_rest, send_option, send_request, TempFile, PATIENCE,
+    };
+
+    /// A timeout short enough for tests, set on `Shared` directly.
+    const SHORT: Duration = Duration::from_millis(300);
+
+    fn cli(args: &[&str], disk: &TempFile) -> Cli {
+        let export = format!("disk={}", disk.path().display());
+        let argv = ["enbd-server", "--export", &export];
+        Cli::try_parse_from(argv.iter().chain(args)).unwrap()
+    }
+
+    fn shared(args: &[&str], disk: &TempFile) -> Shared {
+        Shared::new(&cli(args, disk)).unwrap()
+    }
+
+    /// Serves TCP on an ephemeral port of 127.0.0.1.
+    fn serve_tcp(shared: Shared) -> (SocketAddr, Arc<Shared>) {
+        let shared = Arc::new(shared);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        listen("test-tcp", move || accept_tcp(&l), &shared).unwrap();
+        (addr, shared)
+    }
+
+    fn connect(addr: SocketAddr) -> TcpStream {
+        let c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        c
+    }
+
+    /// Whether the server greets a new connection, rather than closing it.
+    fn greeted(c: &mut impl Read) -> bool {
+        let mut g = [0u8; Greeting::LEN];
+        match c.read_exact(&mut g) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => false,
+            Err(e) => panic!("no greeting nor close: {e}"),
+        }
+    }
+
+    /// Negotiates the default export with GO.
+    fn go(c: &mut (impl Read + Write)) {
+        assert!(greeted(c));
+        let cflags = hs::C_FIXED_NEWSTYLE | hs::C_NO_ZEROES;
+        c.write_all(&cflags.to_be_bytes()).unwrap();
+        let mut p = [0u8; 6];
+        let n = GoRequest::encode(b"", &[], &mut p).unwrap();
+        send_option(c, opt::GO, &p[..n]);
+        loop {
+            match read_option_reply(c).0.reply {
+                rep::ACK => return,
+                r => assert_eq!(r, rep::INFO, "{}", rep::describe(r)),
+            }
+        }
+    }
+
+    fn flush(c: &mut (impl Read + Write), cookie: u64) {
+        send_request(c, Request::new(Cmd::Flush, 0, cookie, 0, 0), &[]);
+        let r = read_reply(c);
+        assert_eq!((r.cookie, r.error), (cookie, 0));
+    }
+
+    /// Waits until every connection has given its slot back.
+    fn wait_all_released(shared: &Shared) {
+        let start = Instant::now();
+        while shared.limits.active() > 0 {
+            assert!(start.elapsed() < PATIENCE, "a slot was never released");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A fresh directory under the temp directory.
+    fn temp_dir() -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("enbd-server-main-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn connection_limits_have_their_documented_defaults() {
+        let disk = TempFile::new(4096, 0);
+        let c = cli(&[], &disk);
+        assert_eq!(c.max_connections_per_client, 16);
+        let s = Shared::new(&c).unwrap();
+        assert_eq!(s.handshake_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(s.idle_timeout, None);
+        drop(s);
+        let s = shared(&["--handshake-timeout", "0", "--idle-timeout", "5"], &disk);
+        assert_eq!(s.handshake_timeout, None);
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(5)));
+        let export = format!("disk={}", disk.path().display());
+        let zero = [
+            "enbd-server",
+            "--export",
+            &export,
+            "--max-connections-per-client",
+            "0",
+        ];
+        assert!(Cli::try_parse_from(zero).is_err());
+    }
+
+    #[test]
+    fn a_stalled_handshake_is_disconnected_and_its_slot_freed() {
+        let disk = TempFile::new(4096, 0);
+        let mut s = shared(&[], &disk);
+        s.handshake_timeout = Some(SHORT);
+        let (addr, s) = serve_tcp(s);
+        let start = Instant::now();
+        let mut c = connect(addr);
+        assert!(greeted(&mut c));
+        assert!(read_rest(&mut c).is_empty());
+        let took = start.elapsed();
+        assert!(took >= SHORT && took < SHORT * 4, "closed after {took:?}");
+        wait_all_released(&s);
+    }
+
+    #[test]
+    fn transmission_is_not_bound_by_the_handshake_timeout() {
+        let disk = TempFile::new(4096, 0);
+        let mut s = shared(&[], &disk);
+        s.handshake_timeout = Some(SHORT);
+        let (addr, _s) = serve_tcp(s);
+        let mut c = connect(addr);
+        go(&mut c);
+        flush(&mut c, 1);
+        std::thread::sleep(SHORT * 2);
+        flush(&mut c, 2);
+    }
+
+    #[test]
+    fn an_idle_client_is_disconnected_but_a_busy_one_is_not() {
+        let disk = TempFile::new(4096, 0);
+        let mut s = shared(&[], &disk);
+        s.idle_timeout = Some(SHORT);
+        let (addr, s) = serve_tcp(s);
+        let mut c = connect(addr);
+        go(&mut c);
+        // Busy for twice the limit.
+        for cookie in 0..6 {
+            std::thread::sleep(SHORT / 3);
+            flush(&mut c, cookie);
+        }
+        // The clock started when the server read the last request.
+        let start = Instant::now();
+        assert!(read_rest(&mut c).is_empty());
+        let took = start.elapsed();
+        assert!(
+            took >= SHORT / 2 && took < SHORT * 4,
+            "closed after {took:?}"
+        );
+        wait_all_released(&s);
+    }
+
+    #[test]
+    fn one_address_cannot_take_every_slot() {
+        let disk = TempFile::new(4096, 0);
+        let (addr, s) = serve_tcp(shared(&["--max-connections-per-client", "2"], &disk));
+        let mut a = connect(addr);
+        let mut b = connect(addr);
+        assert!(greeted(&mut a) && greeted(&mut b));
+        let mut c = connect(addr);
+        assert!(
+            !greeted(&mut c),
+            "a third connection from 127.0.0.1 is refused"
+        );
+        let ip = "127.0.0.1".parse().unwrap();
+        assert_eq!((s.limits.active(), s.limits.connections_from(ip)), (2, 2));
+        // Once the server has seen one go, its place is free again.
+        drop(a);
+        let start = Instant::now();
+        while !greeted(&mut connect(addr)) {
+            assert!(start.elapsed() < PATIENCE, "the slot was never released");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(b);
+        wait_all_released(&s);
+        assert_eq!(s.limits.connections_from(ip), 0);
+    }
+
+    #[test]
+    fn unix_clients_are_not_limited_per_address() {
+        let disk = TempFile::new(4096, 0);
+        let s = Arc::new(shared(&["--max-connections-per-client", "1"], &disk));
+        let dir = temp_dir();
+        let path = dir.join("sock");
+        let l = bind_unix(&path).unwrap();
+        listen("test-unix", move || accept_unix(&l, "unix:test"), &s).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut c = UnixStream::connect(&path).unwrap();
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            assert!(greeted(&mut c));
+            held.push(c);
+        }
+        assert_eq!(s.limits.active(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let dir = temp_dir();
+        let sock = dir.join("sock");
+        drop(bind_unix(&sock).unwrap());
+        assert!(sock.exists(), "a stale socket is left behind");
+        drop(bind_unix(&sock).unwrap());
+        let file = dir.join("file");
+        std::fs::write(&file, "keep").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        for p in [&file, &link, &dir] {
+            let e = bind_unix(p).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("refusing to replace {}: not a socket", p.display())
+            );
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        assert!(link.symlink_metadata().is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

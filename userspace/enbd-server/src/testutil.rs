@@ -3,7 +3,7 @@
 //! raw NBD client speaking the wire format of `enbd_core::wire`.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,6 +43,16 @@ impl TempFile {
         &self.0
     }
 
+    /// Cuts the file to `len` bytes underneath whoever serves it.
+    pub fn truncate(&self, len: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.0)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
     /// `len` bytes at `off`, read straight from the file.
     pub fn read(&self, off: u64, len: usize) -> Vec<u8> {
         use std::os::unix::fs::FileExt;
@@ -68,8 +78,12 @@ pub struct Counts {
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub zeroes: AtomicU64,
+    /// Writes made durable on their own (`RWF_DSYNC`).
+    pub fua_writes: AtomicU64,
     /// Make the next `write_at` fail with this errno (0: don't).
     pub fail_writes: std::sync::atomic::AtomicI32,
+    /// Make the next `read_at` fail with this errno (0: don't).
+    pub fail_reads: std::sync::atomic::AtomicI32,
     hold: Mutex<Hold>,
     cv: Condvar,
 }
@@ -148,13 +162,19 @@ impl Storage for Probe {
     fn read_only(&self) -> bool {
         self.inner.read_only()
     }
-    fn fd(&self) -> RawFd {
-        self.inner.fd()
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        match self.counts.fail_reads.swap(0, Ordering::SeqCst) {
+            0 => self.inner.read_at(buf, off),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
     }
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+    fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> io::Result<()> {
         self.counts.writes.fetch_add(1, Ordering::SeqCst);
+        if fua {
+            self.counts.fua_writes.fetch_add(1, Ordering::SeqCst);
+        }
         match self.counts.fail_writes.swap(0, Ordering::SeqCst) {
-            0 => self.inner.write_at(buf, off),
+            0 => self.inner.write_at(buf, off, fua),
             e => Err(io::Error::from_raw_os_error(e)),
         }
     }
@@ -177,7 +197,7 @@ impl Storage for Probe {
 pub fn probed_export(name: &str, file: &TempFile, read_only: bool) -> (Arc<Export>, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
     let probe = Probe {
-        inner: Backend::open(file.path(), read_only).unwrap(),
+        inner: Backend::open(file.path(), read_only, true).unwrap(),
         counts: counts.clone(),
     };
     let export = Export::with_storage(name, &format!("{name} for tests"), Box::new(probe));

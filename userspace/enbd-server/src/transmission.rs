@@ -1,7 +1,9 @@
 //! The transmission phase: requests are read in order by the connection's
 //! thread and executed by a small pool of workers, so one slow request does
-//! not hold up the others. Replies go out under a lock in completion order;
-//! read data is sent with `sendfile` straight from the backing file.
+//! not hold up the others. Replies go out under a lock in completion order.
+//! Read data is read into the worker's buffer before the reply header goes
+//! out, so a failed read is an NBD error reply on that request alone, not a
+//! broken stream.
 //!
 //! # Write fencing
 //!
@@ -17,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use enbd_core::wire::{cmd_flags, errno, Cmd, Request, SimpleReply};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::export::{Export, MAX_PAYLOAD};
 
@@ -44,30 +46,6 @@ fn send_all(fd: RawFd, mut buf: &[u8], more: bool) -> io::Result<()> {
     Ok(())
 }
 
-fn sendfile_all(out: RawFd, file: RawFd, mut off: u64, mut len: u64) -> io::Result<()> {
-    while len > 0 {
-        let mut o = off as libc::off_t;
-        // SAFETY: plain syscall on open descriptors; `o` is a valid offset pointer.
-        let n = unsafe { libc::sendfile(out, file, &mut o, len as usize) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "backing file shrank",
-            ));
-        }
-        off += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
-}
-
 impl Writer {
     fn reply(&self, cookie: u64, error: u32) -> io::Result<()> {
         let h = SimpleReply { error, cookie }.encode();
@@ -75,15 +53,16 @@ impl Writer {
         send_all(self.fd, &h, false)
     }
 
-    fn reply_read(&self, cookie: u64, file: RawFd, off: u64, len: u32) -> io::Result<()> {
+    fn reply_data(&self, cookie: u64, data: &[u8]) -> io::Result<()> {
         let h = SimpleReply { error: 0, cookie }.encode();
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        send_all(self.fd, &h, len > 0)?;
-        // Once the header is out, a failure leaves the stream unusable: the
-        // caller closes the connection.
-        sendfile_all(self.fd, file, off, u64::from(len))
+        send_all(self.fd, &h, !data.is_empty())?;
+        send_all(self.fd, data, false)
     }
 }
+
+/// Read buffer a worker keeps between requests; larger ones are freed.
+const SCRATCH_KEEP: usize = 1 << 20;
 
 /// A request ready for a worker.
 struct Job {
@@ -251,8 +230,9 @@ fn os_errno(e: &io::Error) -> u32 {
     errno::from_linux(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-/// Executes a job and sends its reply; an error means the connection is broken.
-fn execute(job: Job, export: &Export, out: &Writer) -> io::Result<()> {
+/// Executes a job and sends its reply; an error means the connection is
+/// broken. `scratch` is the worker's read buffer, kept between requests.
+fn execute(job: Job, export: &Export, out: &Writer, scratch: &mut Vec<u8>) -> io::Result<()> {
     let b = export.backend();
     let Request {
         cookie,
@@ -262,9 +242,17 @@ fn execute(job: Job, export: &Export, out: &Writer) -> io::Result<()> {
         ..
     } = job.req;
     let fua = flags & cmd_flags::FUA != 0 && modifies(job.cmd);
+    // WRITE makes just its range durable; the others flush afterwards.
+    let flush_after = fua && job.cmd != Cmd::Write;
     let result = match job.cmd {
-        Cmd::Read => return out.reply_read(cookie, b.fd(), offset, length),
-        Cmd::Write => b.write_at(&job.payload, offset),
+        Cmd::Read => {
+            scratch.resize(length as usize, 0);
+            match b.read_at(scratch, offset) {
+                Ok(()) => return out.reply_data(cookie, scratch),
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Write => b.write_at(&job.payload, offset, fua),
         Cmd::Flush => b.flush(),
         Cmd::Trim => b.trim(offset, u64::from(length)),
         Cmd::WriteZeroes => {
@@ -272,7 +260,7 @@ fn execute(job: Job, export: &Export, out: &Writer) -> io::Result<()> {
         }
         Cmd::Disc | Cmd::Cache => Ok(()),
     };
-    let result = result.and_then(|()| if fua { b.flush() } else { Ok(()) });
+    let result = result.and_then(|()| if flush_after { b.flush() } else { Ok(()) });
     let error = match result {
         Ok(()) => 0,
         Err(e) => {
@@ -398,7 +386,9 @@ pub fn serve_watching(
     let mut pool = Vec::with_capacity(workers);
     for _ in 0..workers {
         let (rx, out, conn, export) = (rx.clone(), out.clone(), conn.clone(), export.clone());
-        pool.push(std::thread::spawn(move || {
+        let worker = std::thread::Builder::new().name("enbd-worker".into());
+        let started = worker.spawn(move || {
+            let mut scratch = Vec::new();
             // A worker keeps taking jobs after the connection died, dropping
             // them, so the reader is never stuck on a full queue.
             for job in rx.iter() {
@@ -406,14 +396,33 @@ pub fn serve_watching(
                 let Some(job) = conn.admit(job) else {
                     continue;
                 };
-                if let Err(e) = execute(job, &export, &out) {
+                let r = execute(job, &export, &out, &mut scratch);
+                if scratch.capacity() > SCRATCH_KEEP {
+                    // A large read does not pin its buffer for good.
+                    scratch = Vec::new();
+                }
+                if let Err(e) = r {
                     debug!("reply failed: {e}");
                     conn.kill();
                     // SAFETY: shutting down our own socket makes the reader stop.
                     unsafe { libc::shutdown(out.fd, libc::SHUT_RDWR) };
                 }
             }
-        }));
+        });
+        match started {
+            Ok(t) => pool.push(t),
+            // Out of threads: serve with the workers there are, or not at all.
+            Err(e) if pool.is_empty() => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot start a worker: {e}"),
+                ))
+            }
+            Err(e) => {
+                warn!("serving with {} of {workers} workers: {e}", pool.len());
+                break;
+            }
+        }
     }
     drop(rx);
     let mut stats = ConnStats::default();
@@ -440,7 +449,13 @@ pub fn serve_watching(
     }
     // Make what clients wrote durable before they see the connection close.
     if !export.backend().read_only() {
-        let _ = export.backend().flush();
+        if let Err(e) = export.backend().flush() {
+            error!(
+                export = export.name(),
+                "flushing {} at disconnect failed: {e}; writes of this connection may be lost",
+                export.backend().path().display()
+            );
+        }
     }
     result.map(|_| stats)
 }
@@ -572,28 +587,49 @@ mod tests {
     }
 
     #[test]
-    fn fua_flushes_before_the_reply_and_is_accepted_everywhere() {
+    fn fua_is_durable_before_the_reply_and_is_accepted_everywhere() {
         let mut c = start(false, 1);
         let fua = cmd_flags::FUA;
+        let fua_writes = |c: &Session| c.counts.fua_writes.load(Ordering::SeqCst);
         assert_eq!(c.write(1, 0, 0, &[1; 512]), 0);
         assert_eq!(c.counts.flushes(), 0, "no FUA, no flush");
+        assert_eq!(fua_writes(&c), 0);
+        // A FUA WRITE syncs its own range (RWF_DSYNC), counted before the
+        // reply goes out; it does not flush the whole file.
         assert_eq!(c.write(2, fua, 0, &[2; 512]), 0);
-        // The flush is counted before the reply goes out.
-        assert_eq!(c.counts.flushes(), 1);
+        assert_eq!((fua_writes(&c), c.counts.flushes()), (1, 0));
+        assert_eq!(c.read(20, 0, 512), vec![2; 512]);
         assert_eq!(c.call(req(Cmd::Trim, fua, 3, 0, 4096)), 0);
-        assert_eq!(c.counts.flushes(), 2);
+        assert_eq!(c.counts.flushes(), 1);
         assert_eq!(c.call(req(Cmd::WriteZeroes, fua, 4, 0, 4096)), 0);
-        assert_eq!(c.counts.flushes(), 3);
+        assert_eq!(c.counts.flushes(), 2);
         // FUA where nothing is written is accepted and ignored.
         assert_eq!(c.call(req(Cmd::Flush, fua, 5, 0, 0)), 0);
-        assert_eq!(c.counts.flushes(), 4, "one flush, not two");
+        assert_eq!(c.counts.flushes(), 3, "one flush, not two");
         c.send(req(Cmd::Read, fua, 6, 0, 8), &[]);
         let rep = read_reply(&mut c.client);
         assert_eq!((rep.error, rep.cookie), (0, 6));
         let mut d = [0u8; 8];
         c.client.read_exact(&mut d).unwrap();
-        assert_eq!(c.counts.flushes(), 4);
+        assert_eq!(c.counts.flushes(), 3);
         c.disconnect();
+    }
+
+    #[test]
+    fn a_failed_read_is_an_error_reply_on_that_request_alone() {
+        let mut c = start(false, 2);
+        assert_eq!(c.write(1, 0, 4096, &[7; 4096]), 0);
+        c.counts.fail_reads.store(libc::EIO, Ordering::SeqCst);
+        // The reply carries the error and no data: the stream stays in step.
+        assert_eq!(c.call(req(Cmd::Read, 0, 2, 4096, 4096)), errno::EIO);
+        assert_eq!(c.read(3, 4096, 4096), vec![7; 4096]);
+        // A backing file that shrank underneath: the same, not a dropped
+        // connection.
+        c.file.truncate(8192);
+        assert_eq!(c.call(req(Cmd::Read, 0, 4, SIZE - 4096, 4096)), errno::EIO);
+        assert_eq!(c.read(5, 4096, 8), vec![7; 8]);
+        let (stats, _, _) = c.disconnect();
+        assert_eq!(stats.errors, 0);
     }
 
     #[test]
