@@ -186,12 +186,6 @@ fio_verify_start() {
 	DMESG_MARK=$(dmesg | wc -l)
 }
 
-# Waits up to $1 seconds (default 300) for fio and fails on any error. Prints
-# the longest completion latency ("stall") fio saw, in ms, and fails if it
-# exceeds $2 ms when given: the bound a case promises (request_timeout + 1 s,
-# say). With ENBD_TIME_FACTOR (the debug kernel: a slower guest), the wait is
-# multiplied by it and the bound gets (factor - 1) s more slack: timeouts run
-# on the guest's clock, but everything around them is slower.
 # What a stalled data path looks like from here, for the case's log: the
 # devices, the sockets, and where the helpers' and servers' threads wait.
 dump_stall() {
@@ -208,14 +202,21 @@ dump_stall() {
 	done
 }
 
-fio_verify_finish() {
-	local factor=${ENBD_TIME_FACTOR:-1}
-	local limit=$((${1:-300} * factor)) max_stall=${2:-} rc=0
-	wait_for "$limit" test -f /tmp/fio.rc || { dump_stall; fail "fio did not finish within ${limit}s"; }
+# Waits up to $1 seconds for the fio of fio_verify_start(_at) to end (a
+# stall is dumped, then fails the case), shows its output and fails if fio
+# failed.
+fio_wait_done() {
+	wait_for "$1" test -f /tmp/fio.rc || { dump_stall; fail "fio did not finish within ${1}s"; }
 	wait "$FIO_PID" 2>/dev/null
 	cat /tmp/fio.out
 	[ "$(cat /tmp/fio.rc)" = 0 ] || fail "fio failed (rc $(cat /tmp/fio.rc))"
-	python3 - "$FIO_JSON" "$max_stall" "$factor" <<'PY' || rc=$?
+}
+
+# Prints what fio did ($FIO_JSON) and its longest stall; exits 3 on fio
+# errors, 4 if the stall exceeds bound $1 ms (none if empty) plus ($2 - 1) s,
+# $2 being the time factor.
+fio_json_report() {
+	python3 - "$FIO_JSON" "$1" "$2" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 errs = j.get("error", 0) + j.get("total_err", 0)
@@ -226,6 +227,19 @@ print(f"fio: {mb:.0f} MiB read+written, {errs} errors, longest stall {stall:.0f}
       + (f" (bound {bound} ms)" if bound is not None else ""))
 sys.exit(3 if errs else 4 if bound is not None and stall > bound else 0)
 PY
+}
+
+# Waits up to $1 seconds (default 300) for fio and fails on any error. Prints
+# the longest completion latency ("stall") fio saw, in ms, and fails if it
+# exceeds $2 ms when given: the bound a case promises (request_timeout + 1 s,
+# say). With ENBD_TIME_FACTOR (the debug kernel: a slower guest), the wait is
+# multiplied by it and the bound gets (factor - 1) s more slack: timeouts run
+# on the guest's clock, but everything around them is slower.
+fio_verify_finish() {
+	local factor=${ENBD_TIME_FACTOR:-1}
+	local limit=$((${1:-300} * factor)) max_stall=${2:-} rc=0
+	fio_wait_done "$limit"
+	fio_json_report "$max_stall" "$factor" || rc=$?
 	[ "$rc" != 3 ] || fail "fio reported errors"
 	[ "$rc" != 4 ] || fail "the longest stall exceeds the case's bound"
 	[ "$rc" = 0 ] || fail "could not read fio's results ($FIO_JSON)"
@@ -430,11 +444,8 @@ fio_verify_start_at() {
 # $2 (512-byte units) of enbd devices, where the case provoked them.
 fio_verify_finish_except() {
 	local first=$1 last=$2 limit=${3:-300}
-	wait_for "$limit" test -f /tmp/fio.rc || { dump_stall; fail "fio did not finish within ${limit}s"; }
-	wait "$FIO_PID" 2>/dev/null
-	cat /tmp/fio.out
-	[ "$(cat /tmp/fio.rc)" = 0 ] || fail "fio failed (rc $(cat /tmp/fio.rc))"
-	fio_json_check || fail "fio reported errors"
+	fio_wait_done "$limit"
+	fio_json_report "" 1 || fail "fio reported errors"
 	local bad
 	bad=$(case_log "$FIO_SEQ" | grep -E 'I/O error|Buffer I/O' |
 		awk -v lo="$first" -v hi="$last" '{
@@ -445,18 +456,6 @@ fio_verify_finish_except() {
 	[ -z "$bad" ] || fail "the kernel logged I/O errors outside sectors $first-$last: $bad"
 }
 
-# Checks $FIO_JSON (0 errors) and prints what fio did and its longest stall.
-fio_json_check() {
-	python3 - "$FIO_JSON" <<'PY'
-import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
-errs = j.get("error", 0) + j.get("total_err", 0)
-stall = max(j["read"]["clat_ns"]["max"], j["write"]["clat_ns"]["max"]) / 1e6
-mb = (j["read"]["io_bytes"] + j["write"]["io_bytes"]) / 2**20
-print(f"fio: {mb:.0f} MiB read+written, {errs} errors, longest stall {stall:.0f} ms")
-sys.exit(1 if errs else 0)
-PY
-}
 
 
 # Runs a command in the background and waits up to $1 seconds for it (a
