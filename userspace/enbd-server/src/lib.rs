@@ -1,0 +1,13 @@
+//! enbd-server's protocol parts as a library, for the fuzz targets
+//! (`userspace/fuzz`): they run the very code the server runs. The binary
+//! compiles the same files as its own modules, and its tests are the ones
+//! that run (`test = false` here), so nothing is tested twice.
+
+pub mod backend;
+pub mod export;
+pub mod handshake;
+pub mod limits;
+pub mod link;
+#[cfg(test)]
+mod testutil;
+pub mod transmission;
