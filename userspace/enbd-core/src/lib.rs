@@ -10,5 +10,6 @@
 pub mod health;
 pub mod journal;
 pub mod ratelimit;
+pub mod replica;
 pub mod uapi;
 pub mod wire;
