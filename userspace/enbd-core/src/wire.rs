@@ -82,6 +82,10 @@ pub mod opt {
     pub const GO: u32 = 7;
     /// Ask for structured replies.
     pub const STRUCTURED_REPLY: u32 = 8;
+    /// List the metadata contexts matching some queries.
+    pub const LIST_META_CONTEXT: u32 = 9;
+    /// Select the metadata contexts `CMD_BLOCK_STATUS` reports.
+    pub const SET_META_CONTEXT: u32 = 10;
 
     /// A short name for logs and errors.
     pub fn name(option: u32) -> &'static str {
@@ -94,8 +98,8 @@ pub mod opt {
             INFO => "INFO",
             GO => "GO",
             STRUCTURED_REPLY => "STRUCTURED_REPLY",
-            9 => "LIST_META_CONTEXT",
-            10 => "SET_META_CONTEXT",
+            LIST_META_CONTEXT => "LIST_META_CONTEXT",
+            SET_META_CONTEXT => "SET_META_CONTEXT",
             11 => "EXTENDED_HEADERS",
             _ => "unknown",
         }
@@ -110,6 +114,8 @@ pub mod rep {
     pub const SERVER: u32 = 2;
     /// One piece of information in an `INFO`/`GO` reply.
     pub const INFO: u32 = 3;
+    /// One metadata context in a `LIST_META_CONTEXT`/`SET_META_CONTEXT` reply.
+    pub const META_CONTEXT: u32 = 4;
     /// Bit set in every error reply type.
     pub const ERR: u32 = 1 << 31;
     /// The option is not known to the server.
@@ -142,6 +148,7 @@ pub mod rep {
             ACK => "acknowledged",
             SERVER => "export list entry",
             INFO => "export information",
+            META_CONTEXT => "metadata context",
             ERR_UNSUP => "option not supported by the server",
             ERR_POLICY => "refused by server policy",
             ERR_INVALID => "invalid request",
@@ -187,6 +194,8 @@ pub enum Cmd {
     Cache = 5,
     /// Write zeroes to a range without sending them.
     WriteZeroes = 6,
+    /// Report the status (allocation, ...) of a range; structured reply only.
+    BlockStatus = 7,
 }
 
 impl Cmd {
@@ -200,6 +209,7 @@ impl Cmd {
             4 => Cmd::Trim,
             5 => Cmd::Cache,
             6 => Cmd::WriteZeroes,
+            7 => Cmd::BlockStatus,
             _ => return None,
         })
     }
@@ -214,6 +224,7 @@ impl Cmd {
             Cmd::Trim => "TRIM",
             Cmd::Cache => "CACHE",
             Cmd::WriteZeroes => "WRITE_ZEROES",
+            Cmd::BlockStatus => "BLOCK_STATUS",
         }
     }
 }
@@ -226,6 +237,8 @@ pub mod cmd_flags {
     pub const NO_HOLE: u16 = 1 << 1;
     /// Do not fragment a structured read reply.
     pub const DF: u16 = 1 << 2;
+    /// `BLOCK_STATUS`: one extent per context is enough.
+    pub const REQ_ONE: u16 = 1 << 3;
     /// Fail `WRITE_ZEROES` fast instead of writing slowly.
     pub const FAST_ZERO: u16 = 1 << 4;
 }
@@ -686,9 +699,18 @@ pub fn decode_list_entry(payload: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
 
 /// Encodes a `REP_SERVER` payload into `out`, returning its length.
 pub fn encode_list_entry(name: &[u8], out: &mut [u8]) -> Result<usize, WireError> {
+    encode_list_entry_described(name, b"", out)
+}
+
+/// Encodes a `REP_SERVER` payload with a description after the name.
+pub fn encode_list_entry_described(
+    name: &[u8],
+    description: &[u8],
+    out: &mut [u8],
+) -> Result<usize, WireError> {
     let n = u32::try_from(name.len()).map_err(|_| WireError::BadLength)?;
     let mut w = Writer::new(out);
-    w.u32(n)?.bytes(name)?;
+    w.u32(n)?.bytes(name)?.bytes(description)?;
     Ok(w.len())
 }
 
@@ -839,6 +861,310 @@ impl SimpleReply {
     }
 }
 
+/// Flags of a structured reply chunk.
+pub mod reply_flags {
+    /// The last chunk of its reply.
+    pub const DONE: u16 = 1 << 0;
+}
+
+/// Structured reply chunk types.
+pub mod chunk {
+    /// No payload: ends a reply that needs nothing more.
+    pub const NONE: u16 = 0;
+    /// `READ` data: offset, then the bytes.
+    pub const OFFSET_DATA: u16 = 1;
+    /// `READ` of a region that reads as zeroes: offset and length, no data.
+    pub const OFFSET_HOLE: u16 = 2;
+    /// `BLOCK_STATUS` extents of one metadata context.
+    pub const BLOCK_STATUS: u16 = 5;
+    /// An error for the whole request.
+    pub const ERROR: u16 = (1 << 15) + 1;
+    /// An error at one offset of the request.
+    pub const ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+    /// Whether a chunk type is in the error category (bit 15).
+    pub fn is_error(kind: u16) -> bool {
+        kind & (1 << 15) != 0
+    }
+}
+
+/// Status flags of the `base:allocation` metadata context.
+pub mod state {
+    /// The extent is not allocated (a hole).
+    pub const HOLE: u32 = 1 << 0;
+    /// The extent reads as zeroes.
+    pub const ZERO: u32 = 1 << 1;
+}
+
+/// The one metadata context everyone knows: allocation status.
+pub const BASE_ALLOCATION: &[u8] = b"base:allocation";
+
+/// Header of a structured reply chunk; `length` payload bytes follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ChunkHeader {
+    /// `reply_flags::*`.
+    pub flags: u16,
+    /// Chunk type (`chunk::*`).
+    pub kind: u16,
+    /// The request's cookie.
+    pub cookie: u64,
+    /// Length of the payload that follows.
+    pub length: u32,
+}
+
+impl ChunkHeader {
+    /// Encoded length.
+    pub const LEN: usize = 20;
+
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        encode(|w| {
+            w.u32(STRUCTURED_REPLY_MAGIC)?
+                .u16(self.flags)?
+                .u16(self.kind)?
+                .u64(self.cookie)?
+                .u32(self.length)?;
+            Ok(())
+        })
+    }
+
+    /// Decodes a header; only the magic is checked here.
+    pub fn decode(buf: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        let m = r.u32()?;
+        if m != STRUCTURED_REPLY_MAGIC {
+            return Err(WireError::BadMagic(m.into()));
+        }
+        Ok(Self {
+            flags: r.u16()?,
+            kind: r.u16()?,
+            cookie: r.u64()?,
+            length: r.u32()?,
+        })
+    }
+}
+
+/// The payload of an `ERROR` or `ERROR_OFFSET` chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorChunk<'a> {
+    /// An `errno::*` value; never 0.
+    pub error: u32,
+    /// A message for humans.
+    pub message: &'a [u8],
+    /// Where the error happened (`ERROR_OFFSET` only).
+    pub offset: Option<u64>,
+}
+
+impl<'a> ErrorChunk<'a> {
+    /// Encodes the payload into `out`, returning its length. The chunk type
+    /// is `ERROR_OFFSET` when `offset` is set, `ERROR` otherwise.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        if self.error == 0 {
+            return Err(WireError::Invalid("error chunk without an error"));
+        }
+        let n = u16::try_from(self.message.len()).map_err(|_| WireError::BadLength)?;
+        let mut w = Writer::new(out);
+        w.u32(self.error)?.u16(n)?.bytes(self.message)?;
+        if let Some(o) = self.offset {
+            w.u64(o)?;
+        }
+        Ok(w.len())
+    }
+
+    /// Decodes the payload of a chunk of type `kind`.
+    pub fn decode(kind: u16, payload: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(payload);
+        let error = r.u32()?;
+        if error == 0 {
+            return Err(WireError::Invalid("error chunk without an error"));
+        }
+        let n = r.u16()?;
+        let message = r.bytes(n.into())?;
+        let offset = match kind {
+            chunk::ERROR_OFFSET => Some(r.u64()?),
+            // Other error types may carry more; the message is all we know.
+            _ => {
+                let _ = r.bytes(r.remaining())?;
+                None
+            }
+        };
+        if r.remaining() != 0 {
+            return Err(WireError::BadLength);
+        }
+        Ok(Self {
+            error,
+            message,
+            offset,
+        })
+    }
+}
+
+/// Length of an `OFFSET_HOLE` payload.
+pub const HOLE_CHUNK_LEN: usize = 12;
+
+/// Encodes an `OFFSET_HOLE` payload: offset and length.
+pub fn encode_hole(offset: u64, length: u32) -> [u8; HOLE_CHUNK_LEN] {
+    encode(|w| {
+        w.u64(offset)?.u32(length)?;
+        Ok(())
+    })
+}
+
+/// Decodes an `OFFSET_HOLE` payload; an empty hole is invalid.
+pub fn decode_hole(payload: &[u8]) -> Result<(u64, u32), WireError> {
+    let mut r = Reader::new(payload);
+    let v = (r.u64()?, r.u32()?);
+    if r.remaining() != 0 {
+        return Err(WireError::BadLength);
+    }
+    if v.1 == 0 {
+        return Err(WireError::Invalid("empty hole"));
+    }
+    Ok(v)
+}
+
+/// Length of one `BLOCK_STATUS` descriptor.
+pub const EXTENT_LEN: usize = 8;
+
+/// One `BLOCK_STATUS` descriptor: a run of bytes with one status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes, never 0.
+    pub length: u32,
+    /// Status flags of the context (`state::*` for `base:allocation`).
+    pub flags: u32,
+}
+
+/// A `BLOCK_STATUS` chunk payload: a context id and its extents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStatus<'a> {
+    /// The metadata context the extents describe.
+    pub context: u32,
+    extents: &'a [u8],
+}
+
+impl<'a> BlockStatus<'a> {
+    /// Encodes the payload into `out`, returning its length.
+    pub fn encode(context: u32, extents: &[Extent], out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        w.u32(context)?;
+        for e in extents {
+            if e.length == 0 {
+                return Err(WireError::Invalid("empty extent"));
+            }
+            w.u32(e.length)?.u32(e.flags)?;
+        }
+        Ok(w.len())
+    }
+
+    /// Decodes a payload: at least one descriptor, none empty.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(payload);
+        let context = r.u32()?;
+        let extents = r.bytes(r.remaining())?;
+        if extents.is_empty() || extents.len() % EXTENT_LEN != 0 {
+            return Err(WireError::BadLength);
+        }
+        let s = Self { context, extents };
+        if s.extents().any(|e| e.length == 0) {
+            return Err(WireError::Invalid("empty extent"));
+        }
+        Ok(s)
+    }
+
+    /// The descriptors, in order.
+    pub fn extents(&self) -> impl Iterator<Item = Extent> + 'a {
+        self.extents.chunks_exact(EXTENT_LEN).map(|c| {
+            let mut r = Reader::new(c);
+            // `chunks_exact` gives 8 bytes: both reads succeed.
+            Extent {
+                length: r.u32().unwrap_or(0),
+                flags: r.u32().unwrap_or(0),
+            }
+        })
+    }
+}
+
+/// The payload of `LIST_META_CONTEXT` and `SET_META_CONTEXT`: an export
+/// name and the context queries (`"base:allocation"`, `"base:"`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetaContextRequest<'a> {
+    /// The export name (not necessarily UTF-8).
+    pub name: &'a [u8],
+    /// The number of queries.
+    pub count: u32,
+    queries: &'a [u8],
+}
+
+impl<'a> MetaContextRequest<'a> {
+    /// Parses a payload; every query is checked here, so iterating the
+    /// queries afterwards cannot fail.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(payload);
+        let name_len = r.u32()?;
+        if name_len as usize > MAX_NAME_LEN {
+            return Err(WireError::TooLong(name_len));
+        }
+        let name = r.bytes(name_len as usize)?;
+        let count = r.u32()?;
+        let queries = r.buf;
+        for _ in 0..count {
+            let n = r.u32()?;
+            if n as usize > MAX_NAME_LEN {
+                return Err(WireError::TooLong(n));
+            }
+            r.bytes(n as usize)?;
+        }
+        if r.remaining() != 0 {
+            return Err(WireError::BadLength);
+        }
+        Ok(Self {
+            name,
+            count,
+            queries,
+        })
+    }
+
+    /// The queries, in order.
+    pub fn queries(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let mut r = Reader::new(self.queries);
+        core::iter::from_fn(move || {
+            let n = r.u32().ok()?;
+            r.bytes(n as usize).ok()
+        })
+    }
+
+    /// Encodes a payload into `out`, returning its length.
+    pub fn encode(name: &[u8], queries: &[&[u8]], out: &mut [u8]) -> Result<usize, WireError> {
+        let len = |b: &[u8]| u32::try_from(b.len()).map_err(|_| WireError::BadLength);
+        let count = u32::try_from(queries.len()).map_err(|_| WireError::BadLength)?;
+        let mut w = Writer::new(out);
+        w.u32(len(name)?)?.bytes(name)?.u32(count)?;
+        for q in queries {
+            w.u32(len(q)?)?.bytes(q)?;
+        }
+        Ok(w.len())
+    }
+}
+
+/// Encodes a `REP_META_CONTEXT` payload: context id and name.
+pub fn encode_meta_context(id: u32, name: &[u8], out: &mut [u8]) -> Result<usize, WireError> {
+    let mut w = Writer::new(out);
+    w.u32(id)?.bytes(name)?;
+    Ok(w.len())
+}
+
+/// Decodes a `REP_META_CONTEXT` payload: (context id, name).
+pub fn decode_meta_context(payload: &[u8]) -> Result<(u32, &[u8]), WireError> {
+    let mut r = Reader::new(payload);
+    let id = r.u32()?;
+    let name = r.bytes(r.remaining())?;
+    if name.len() > MAX_NAME_LEN {
+        return Err(WireError::BadLength);
+    }
+    Ok((id, name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -978,6 +1304,156 @@ mod tests {
     }
 
     #[test]
+    fn list_entry_with_a_description() {
+        let mut buf = [0u8; 16];
+        let n = encode_list_entry_described(b"abc", b"a disk", &mut buf).unwrap();
+        assert_eq!(&buf[..4], &[0, 0, 0, 3]);
+        assert_eq!(
+            decode_list_entry(&buf[..n]),
+            Ok((&b"abc"[..], &b"a disk"[..]))
+        );
+        assert_eq!(
+            encode_list_entry_described(b"abc", b"too long a text", &mut buf),
+            Err(WireError::Short)
+        );
+    }
+
+    #[test]
+    fn chunk_header_layout_matches_spec() {
+        let h = ChunkHeader {
+            flags: reply_flags::DONE,
+            kind: chunk::OFFSET_HOLE,
+            cookie: 0x0102_0304_0506_0708,
+            length: 12,
+        };
+        let b = h.encode();
+        assert_eq!(
+            b,
+            [0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 12]
+        );
+        assert_eq!(ChunkHeader::decode(&b), Ok(h));
+        let mut simple = b;
+        simple[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(
+            ChunkHeader::decode(&simple),
+            Err(WireError::BadMagic(SIMPLE_REPLY_MAGIC.into()))
+        );
+        assert!(chunk::is_error(chunk::ERROR) && chunk::is_error(chunk::ERROR_OFFSET));
+        assert!(!chunk::is_error(chunk::BLOCK_STATUS));
+    }
+
+    #[test]
+    fn error_chunks_round_trip_and_are_checked() {
+        let mut buf = [0u8; 32];
+        let e = ErrorChunk {
+            error: errno::EIO,
+            message: b"bad",
+            offset: None,
+        };
+        let n = e.encode(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[0, 0, 0, 5, 0, 3, b'b', b'a', b'd']);
+        assert_eq!(ErrorChunk::decode(chunk::ERROR, &buf[..n]), Ok(e));
+        let o = ErrorChunk {
+            offset: Some(4096),
+            ..e
+        };
+        let n = o.encode(&mut buf).unwrap();
+        assert_eq!(n, 17);
+        assert_eq!(ErrorChunk::decode(chunk::ERROR_OFFSET, &buf[..n]), Ok(o));
+        // The offset is missing, the message is longer than the chunk, or
+        // there is no error at all.
+        assert_eq!(
+            ErrorChunk::decode(chunk::ERROR_OFFSET, &buf[..9]),
+            Err(WireError::Short)
+        );
+        assert_eq!(
+            ErrorChunk::decode(chunk::ERROR, &[0, 0, 0, 5, 0, 9, 1]),
+            Err(WireError::Short)
+        );
+        assert!(matches!(
+            ErrorChunk::decode(chunk::ERROR, &[0, 0, 0, 0, 0, 0]),
+            Err(WireError::Invalid(_))
+        ));
+        let zero = ErrorChunk { error: 0, ..e };
+        assert!(zero.encode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn hole_and_block_status_payloads() {
+        let h = encode_hole(1 << 33, 4096);
+        assert_eq!(h, [0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0x10, 0]);
+        assert_eq!(decode_hole(&h), Ok((1 << 33, 4096)));
+        assert!(decode_hole(&encode_hole(0, 0)).is_err());
+        assert_eq!(decode_hole(&h[..11]), Err(WireError::Short));
+
+        let ext = [
+            Extent {
+                length: 65536,
+                flags: state::HOLE | state::ZERO,
+            },
+            Extent {
+                length: 512,
+                flags: 0,
+            },
+        ];
+        let mut buf = [0u8; 32];
+        let n = BlockStatus::encode(1, &ext, &mut buf).unwrap();
+        assert_eq!(n, 20);
+        assert_eq!(&buf[..12], &[0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 3]);
+        let b = BlockStatus::decode(&buf[..n]).unwrap();
+        assert_eq!(b.context, 1);
+        assert!(b.extents().eq(ext.iter().copied()));
+        // No descriptor, half a descriptor, an empty one.
+        assert_eq!(BlockStatus::decode(&buf[..4]), Err(WireError::BadLength));
+        assert_eq!(BlockStatus::decode(&buf[..16]), Err(WireError::BadLength));
+        let empty = [Extent {
+            length: 0,
+            flags: 0,
+        }];
+        assert!(BlockStatus::encode(1, &empty, &mut buf).is_err());
+        buf[4..8].copy_from_slice(&[0; 4]);
+        assert!(matches!(
+            BlockStatus::decode(&buf[..n]),
+            Err(WireError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn meta_context_request_round_trip_and_validation() {
+        let mut buf = [0u8; 64];
+        let q: [&[u8]; 2] = [b"base:allocation", b"qemu:"];
+        let n = MetaContextRequest::encode(b"disk", &q, &mut buf).unwrap();
+        let r = MetaContextRequest::decode(&buf[..n]).unwrap();
+        assert_eq!((r.name, r.count), (&b"disk"[..], 2));
+        assert!(r.queries().eq(q.iter().copied()));
+        // A count promising more queries than there are, trailing bytes,
+        // a query length running past the end.
+        let mut more = buf;
+        more[11] = 3;
+        assert_eq!(
+            MetaContextRequest::decode(&more[..n]),
+            Err(WireError::Short)
+        );
+        assert_eq!(
+            MetaContextRequest::decode(&buf[..n + 1]),
+            Err(WireError::BadLength)
+        );
+        let mut long = buf;
+        long[12..16].copy_from_slice(&100u32.to_be_bytes());
+        assert_eq!(
+            MetaContextRequest::decode(&long[..n]),
+            Err(WireError::Short)
+        );
+        let none = MetaContextRequest::encode(b"", &[], &mut buf).unwrap();
+        let r = MetaContextRequest::decode(&buf[..none]).unwrap();
+        assert_eq!((r.count, r.queries().count()), (0, 0));
+
+        let n = encode_meta_context(1, BASE_ALLOCATION, &mut buf).unwrap();
+        assert_eq!(decode_meta_context(&buf[..n]), Ok((1, BASE_ALLOCATION)));
+        assert_eq!(decode_meta_context(&buf[..3]), Err(WireError::Short));
+    }
+
+    #[test]
     fn writer_never_overflows() {
         let mut buf = [0u8; 3];
         let mut w = Writer::new(&mut buf);
@@ -1002,6 +1478,12 @@ mod tests {
         }
 
         #[test]
+        fn chunk_header_round_trip(flags: u16, kind: u16, cookie: u64, length: u32) {
+            let h = ChunkHeader { flags, kind, cookie, length };
+            proptest::prop_assert_eq!(ChunkHeader::decode(&h.encode()), Ok(h));
+        }
+
+        #[test]
         fn reply_round_trip(error: u32, cookie: u64) {
             let r = SimpleReply { error, cookie };
             proptest::prop_assert_eq!(SimpleReply::decode(&r.encode()), Ok(r));
@@ -1012,6 +1494,15 @@ mod tests {
             let _ = GoRequest::decode(&bytes);
             let _ = Info::decode(&bytes);
             let _ = decode_list_entry(&bytes);
+            let _ = MetaContextRequest::decode(&bytes).map(|r| r.queries().count());
+            let _ = BlockStatus::decode(&bytes).map(|b| b.extents().count());
+            let _ = ErrorChunk::decode(chunk::ERROR, &bytes);
+            let _ = ErrorChunk::decode(chunk::ERROR_OFFSET, &bytes);
+            let _ = decode_hole(&bytes);
+            let _ = decode_meta_context(&bytes);
+            if let Ok(b) = <[u8; ChunkHeader::LEN]>::try_from(&bytes[..bytes.len().min(ChunkHeader::LEN)]) {
+                let _ = ChunkHeader::decode(&b);
+            }
             if let Ok(b) = <[u8; Request::LEN]>::try_from(&bytes[..bytes.len().min(Request::LEN)]) {
                 let _ = Request::decode(&b);
             }

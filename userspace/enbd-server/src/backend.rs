@@ -26,6 +26,38 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn trim(&self, off: u64, len: u64) -> io::Result<()>;
     /// Writes zeroes to a range, punching a hole when `may_trim` allows it.
     fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()>;
+
+    /// Splits `off..off + len` into runs of data and holes, in order and
+    /// at most `max` of them: they cover the start of the range, maybe not
+    /// all of it. A hole is a region the storage says reads as zeroes
+    /// without being allocated. The default knows of no holes.
+    fn extents(&self, off: u64, len: u64, max: usize) -> io::Result<Vec<Run>> {
+        let _ = (off, max);
+        Ok(vec![Run { len, hole: false }])
+    }
+
+    /// Starts reading a range into the page cache; a hint, so the default
+    /// does nothing.
+    fn cache(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Ok(())
+    }
+
+    /// Zeroes a range only if that is fast (no data written), like
+    /// [`Storage::write_zeroes`] otherwise; fails with `EOPNOTSUPP` having
+    /// changed nothing when it cannot be. The default never can.
+    fn write_zeroes_fast(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        let _ = (off, len, may_trim);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+}
+
+/// A run of bytes with one allocation status (see [`Storage::extents`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub len: u64,
+    /// Unallocated, reading as zeroes.
+    pub hole: bool,
 }
 
 /// An export's storage: a regular file or a block device.
@@ -89,6 +121,24 @@ impl Backend {
             Ok(())
         } else {
             Err(io::Error::last_os_error())
+        }
+    }
+
+    /// `lseek(2)` with `SEEK_DATA` or `SEEK_HOLE`; `None` when there is no
+    /// data from `off` on (`ENXIO`).
+    fn seek(&self, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let o =
+            libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: plain syscall on our descriptor. The file offset it moves
+        // is unused: all I/O here is positioned (pread/pwrite).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), o, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
         }
     }
 
@@ -266,6 +316,90 @@ impl Storage for Backend {
             Err(e) => Err(e),
         }
     }
+
+    /// Data and holes from `SEEK_DATA`/`SEEK_HOLE` on a regular file; a
+    /// block device has no holes to tell.
+    fn extents(&self, off: u64, len: u64, max: usize) -> io::Result<Vec<Run>> {
+        let end = off.saturating_add(len);
+        if self.block_device {
+            return Ok(vec![Run { len, hole: false }]);
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        let mut pos = off;
+        while pos < end && runs.len() < max.max(1) {
+            // Past the last data (or past the end of a file that shrank)
+            // everything reads as zeroes.
+            let data = self.seek(pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+            let (next, hole) = if data > pos {
+                (data, true)
+            } else {
+                // Every file ends with an implicit hole, so there is one.
+                let h = self.seek(pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+                (h, false)
+            };
+            if next <= pos {
+                // The file changed under the two seeks; stop here rather
+                // than loop: fewer runs than the range is allowed.
+                break;
+            }
+            runs.push(Run {
+                len: next - pos,
+                hole,
+            });
+            pos = next;
+        }
+        if runs.is_empty() && len > 0 {
+            runs.push(Run { len, hole: false });
+        }
+        Ok(runs)
+    }
+
+    fn cache(&self, off: u64, len: u64) -> io::Result<()> {
+        let (o, l) = (off as libc::off_t, len as libc::off_t);
+        // SAFETY: plain syscall on our descriptor; it only reads the file.
+        match unsafe { libc::posix_fadvise(self.file.as_raw_fd(), o, l, libc::POSIX_FADV_WILLNEED) }
+        {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// Fast means the file system or device drops or zeroes the blocks
+    /// without writing data: a hole punch (or `FALLOC_FL_ZERO_RANGE` when
+    /// holes are not allowed) on a file; on a block device a punch, which
+    /// the kernel turns into a write-zeroes command without fallback
+    /// (`BLKDEV_ZERO_NOFALLBACK`), and nothing when holes are not allowed,
+    /// since the device may unmap.
+    fn write_zeroes_fast(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        let r = if may_trim {
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        } else if self.block_device {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        } else {
+            self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        match r {
+            // Not supported here, or (EINVAL) not for this alignment: the
+            // slow way would be needed, which is what the client refused.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+                ) =>
+            {
+                Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+            }
+            r => r,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +433,40 @@ mod tests {
             b.read_at(&mut buf, (1 << 16) - 2).is_err(),
             "read past the end"
         );
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn extents_follow_seek_data_and_seek_hole() {
+        let p = std::env::temp_dir().join(format!("enbd-backend-sparse-{}", std::process::id()));
+        let f = File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[7; 4096], 65536).unwrap();
+        drop(f);
+        let b = Backend::open(&p, false, false).unwrap();
+        let run = |len, hole| Run { len, hole };
+        assert_eq!(
+            b.extents(0, 1 << 20, 100).unwrap(),
+            [
+                run(65536, true),
+                run(4096, false),
+                run((1 << 20) - 69632, true)
+            ]
+        );
+        // From inside the data, clamped to the range, bounded in count.
+        assert_eq!(b.extents(65536 + 100, 10, 100).unwrap(), [run(10, false)]);
+        assert_eq!(b.extents(0, 1 << 20, 2).unwrap().len(), 2);
+        assert_eq!(b.extents(4096, 4096, 1).unwrap(), [run(4096, true)]);
+        // Past the end of a file that shrank: zeroes, not an error.
+        assert_eq!(b.extents(1 << 21, 512, 4).unwrap(), [run(512, true)]);
+        b.cache(0, 1 << 20).unwrap();
+        // A punch is fast here; the data goes, the neighbours stay.
+        b.write_zeroes_fast(65536, 2048, true).unwrap();
+        let mut buf = [1u8; 4096];
+        b.read_at(&mut buf, 65536).unwrap();
+        assert_eq!(buf[..2048], [0; 2048]);
+        assert_eq!(buf[2048..], [7; 2048]);
+        drop(b);
         std::fs::remove_file(p).unwrap();
     }
 

@@ -108,13 +108,16 @@ impl Export {
 
     /// Transmission flags announced for this export. One backing file has no
     /// per-connection cache, so several connections see the same data.
+    /// (`SEND_DF` is added by the handshake when structured replies are on.)
     pub fn tx_flags(&self) -> u16 {
         let mut f = tx::HAS_FLAGS
             | tx::SEND_FLUSH
             | tx::SEND_FUA
             | tx::SEND_TRIM
             | tx::SEND_WRITE_ZEROES
-            | tx::CAN_MULTI_CONN;
+            | tx::CAN_MULTI_CONN
+            | tx::SEND_CACHE
+            | tx::SEND_FAST_ZERO;
         if self.backend.read_only() {
             f |= tx::READ_ONLY;
         }

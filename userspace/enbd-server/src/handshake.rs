@@ -6,13 +6,14 @@ use std::sync::Arc;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
 use enbd_core::wire::{
-    self, handshake, info, opt, rep, ExportNameReply, GoRequest, Greeting, Info, OptionHeader,
-    OptionReplyHeader, MAX_OPTION_LEN,
+    self, handshake, info, opt, rep, tx, ExportNameReply, GoRequest, Greeting, Info,
+    MetaContextRequest, OptionHeader, OptionReplyHeader, BASE_ALLOCATION, MAX_OPTION_LEN,
 };
 use tracing::{debug, warn};
 
 use crate::export::{Export, Exports};
 use crate::link::Link;
+use crate::transmission::{Negotiated, BASE_ALLOCATION_ID};
 
 /// Whether and how clients may or must use TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -33,8 +34,8 @@ pub struct TlsPolicy {
 
 /// How a handshake ended.
 pub enum Outcome {
-    /// Enter transmission on this export.
-    Transmission(Arc<Export>),
+    /// Enter transmission on this export, with what was negotiated.
+    Transmission(Arc<Export>, Negotiated),
     /// The client aborted or was refused; close the connection.
     Closed,
 }
@@ -97,6 +98,85 @@ fn upgrade(link: &mut Link, config: &Arc<ServerConfig>) -> Result<(), HandshakeE
     Ok(())
 }
 
+/// What the options so far have agreed on.
+#[derive(Default)]
+struct State {
+    structured: bool,
+    /// The export `SET_META_CONTEXT` named, and whether it selected
+    /// `base:allocation`. Only valid for that export.
+    meta: Option<(String, bool)>,
+}
+
+impl State {
+    /// The transmission flags of `e` on this connection: `DF` needs
+    /// structured replies.
+    fn flags(&self, e: &Export) -> u16 {
+        let mut f = e.tx_flags();
+        if self.structured {
+            f |= tx::SEND_DF;
+        }
+        f
+    }
+
+    /// What transmission on `e` gets.
+    fn negotiated(&self, e: &Export) -> Negotiated {
+        Negotiated {
+            structured: self.structured,
+            base_allocation: self.structured
+                && matches!(&self.meta, Some((name, true)) if name == e.name()),
+        }
+    }
+}
+
+/// Answers `LIST_META_CONTEXT` or `SET_META_CONTEXT` (only
+/// `base:allocation` exists here).
+fn meta_context(
+    s: &mut impl Write,
+    option: u32,
+    payload: &[u8],
+    exports: &Exports,
+    st: &mut State,
+) -> io::Result<()> {
+    let set = option == opt::SET_META_CONTEXT;
+    if set {
+        // A failed SET leaves nothing selected.
+        st.meta = None;
+        if !st.structured {
+            let msg = b"structured replies must be negotiated first";
+            return reply(s, option, rep::ERR_INVALID, msg);
+        }
+    }
+    let req = match MetaContextRequest::decode(payload) {
+        Ok(r) => r,
+        Err(e) => return reply(s, option, rep::ERR_INVALID, e.to_string().as_bytes()),
+    };
+    let Some(e) = exports.find(req.name) else {
+        let msg = format!("no export named '{}'", String::from_utf8_lossy(req.name));
+        return reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes());
+    };
+    // LIST with no query, or the query "base:", lists the whole namespace;
+    // SET selects exact names only. Unknown namespaces match nothing.
+    let matched = req
+        .queries()
+        .any(|q| q == BASE_ALLOCATION || (!set && q == b"base:"))
+        || (!set && req.count == 0);
+    if matched {
+        let mut b = [0u8; 4 + BASE_ALLOCATION.len()];
+        let n = wire::encode_meta_context(BASE_ALLOCATION_ID, BASE_ALLOCATION, &mut b)
+            .map_err(io::Error::other)?;
+        reply(s, option, rep::META_CONTEXT, &b[..n])?;
+    }
+    if set {
+        debug!(
+            export = e.name(),
+            base_allocation = matched,
+            "meta contexts set"
+        );
+        st.meta = Some((e.name().to_owned(), matched));
+    }
+    reply(s, option, rep::ACK, &[])
+}
+
 /// Runs the handshake up to transmission or close.
 pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, HandshakeError> {
     s.write_all(
@@ -115,6 +195,7 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
         return Err(HandshakeError::NotFixed(cflags));
     }
     let no_zeroes = cflags & handshake::C_NO_ZEROES != 0;
+    let mut st = State::default();
     loop {
         let mut hb = [0u8; OptionHeader::LEN];
         s.read_exact(&mut hb)?;
@@ -165,6 +246,8 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                     }
                 };
                 reply(s, h.option, rep::ACK, &[])?;
+                // What was agreed in plaintext does not carry into TLS.
+                st = State::default();
                 upgrade(s, config)?;
                 debug!("TLS established");
             }
@@ -180,7 +263,7 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                 s.write_all(
                     &ExportNameReply {
                         size: e.size(),
-                        flags: e.tx_flags(),
+                        flags: st.flags(&e),
                     }
                     .encode(),
                 )?;
@@ -188,7 +271,8 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                     s.write_all(&[0u8; ExportNameReply::ZEROES])?;
                 }
                 s.flush()?;
-                return Ok(Outcome::Transmission(e));
+                let neg = st.negotiated(&e);
+                return Ok(Outcome::Transmission(e, neg));
             }
             opt::ABORT => {
                 let _ = reply(s, h.option, rep::ACK, &[]);
@@ -200,8 +284,9 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                     continue;
                 }
                 for e in exports.iter() {
-                    let mut b = vec![0u8; 4 + e.name().len()];
-                    let n = wire::encode_list_entry(e.name().as_bytes(), &mut b)?;
+                    let (name, desc) = (e.name().as_bytes(), e.description().as_bytes());
+                    let mut b = vec![0u8; 4 + name.len() + desc.len()];
+                    let n = wire::encode_list_entry_described(name, desc, &mut b)?;
                     reply(s, h.option, rep::SERVER, &b[..n])?;
                 }
                 reply(s, h.option, rep::ACK, &[])?;
@@ -222,7 +307,7 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                 let mut b = [0u8; 64];
                 let n = Info::Export {
                     size: e.size(),
-                    flags: e.tx_flags(),
+                    flags: st.flags(&e),
                 }
                 .encode(&mut b)?;
                 reply(s, h.option, rep::INFO, &b[..n])?;
@@ -243,8 +328,25 @@ pub fn run(s: &mut Link, exports: &Exports, tls: &TlsPolicy) -> Result<Outcome, 
                 }
                 reply(s, h.option, rep::ACK, &[])?;
                 if h.option == opt::GO {
-                    return Ok(Outcome::Transmission(e));
+                    let neg = st.negotiated(&e);
+                    return Ok(Outcome::Transmission(e, neg));
                 }
+            }
+            opt::STRUCTURED_REPLY => {
+                if !payload.is_empty() {
+                    reply(
+                        s,
+                        h.option,
+                        rep::ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    )?;
+                    continue;
+                }
+                st.structured = true;
+                reply(s, h.option, rep::ACK, &[])?;
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                meta_context(s, h.option, &payload, exports, &mut st)?;
             }
             other => {
                 let msg = format!("option {} ({other}) not supported", opt::name(other));
@@ -300,7 +402,7 @@ mod tests {
 
     fn outcome(r: Result<Outcome, HandshakeError>) -> Ended {
         r.map(|o| match o {
-            Outcome::Transmission(e) => Some(e.name().to_owned()),
+            Outcome::Transmission(e, _) => Some(e.name().to_owned()),
             Outcome::Closed => None,
         })
     }
@@ -383,6 +485,8 @@ mod tests {
             | tx::SEND_TRIM
             | tx::SEND_WRITE_ZEROES
             | tx::CAN_MULTI_CONN
+            | tx::SEND_CACHE
+            | tx::SEND_FAST_ZERO
     }
 
     #[test]
@@ -566,7 +670,7 @@ mod tests {
         let f = fixture();
         let (mut c, t) = open(&f, off());
         send_option(&mut c, opt::LIST, &[]);
-        let mut names = Vec::new();
+        let (mut names, mut descs) = (Vec::new(), Vec::new());
         loop {
             let (h, p) = read_option_reply(&mut c);
             assert_eq!(h.option, opt::LIST);
@@ -575,12 +679,164 @@ mod tests {
             }
             assert_eq!(h.reply, rep::SERVER);
             let (name, desc) = decode_list_entry(&p).unwrap();
-            assert!(desc.is_empty());
             names.push(String::from_utf8(name.to_vec()).unwrap());
+            descs.push(String::from_utf8(desc.to_vec()).unwrap());
         }
         assert_eq!(names, ["disk", "iso"]);
+        assert_eq!(descs, ["the disk", ""], "LIST shows the descriptions");
         expect(&mut c, opt::LIST, b"x", rep::ERR_INVALID);
         abort(c, t);
+    }
+
+    /// Like [`start`] past the greeting, but the handshake's result keeps
+    /// what was negotiated.
+    fn open_negotiated(f: &Fixture) -> (UnixStream, JoinHandle<Option<(String, Negotiated)>>) {
+        let (mut client, server) = pair();
+        let exports = f.exports.clone();
+        let t = std::thread::spawn(move || {
+            let mut link = Link::unix(server);
+            match run(&mut link, &exports, &off()).unwrap() {
+                Outcome::Transmission(e, neg) => Some((e.name().to_owned(), neg)),
+                Outcome::Closed => None,
+            }
+        });
+        greet(&mut client, FIXED | handshake::C_NO_ZEROES);
+        (client, t)
+    }
+
+    fn meta_payload(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        let n = MetaContextRequest::encode(name, queries, &mut b).unwrap();
+        b.truncate(n);
+        b
+    }
+
+    /// Sends a meta context option; the contexts it answered, before ACK.
+    fn contexts(c: &mut UnixStream, option: u32, payload: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        send_option(c, option, payload);
+        let mut v = Vec::new();
+        loop {
+            let (h, p) = read_option_reply(c);
+            assert_eq!(h.option, option);
+            match h.reply {
+                rep::ACK => return v,
+                rep::META_CONTEXT => {
+                    let (id, name) = wire::decode_meta_context(&p).unwrap();
+                    v.push((id, name.to_vec()));
+                }
+                other => panic!("unexpected reply {}", rep::describe(other)),
+            }
+        }
+    }
+
+    /// GO on `name`; the flags announced.
+    fn go_flags(c: &mut UnixStream, name: &[u8]) -> u16 {
+        let p = expect(c, opt::GO, &go_payload(name, &[]), rep::INFO);
+        let Ok(Info::Export { flags, .. }) = Info::decode(&p) else {
+            panic!("not INFO_EXPORT");
+        };
+        let (h, _) = read_option_reply(c);
+        assert_eq!(h.reply, rep::ACK);
+        flags
+    }
+
+    #[test]
+    fn structured_replies_are_acknowledged_and_df_announced_with_them() {
+        let f = fixture();
+        // Without them: no DF, simple replies.
+        let (mut c, t) = open_negotiated(&f);
+        assert_eq!(go_flags(&mut c, b"disk"), disk_flags());
+        assert_eq!(
+            t.join().unwrap(),
+            Some(("disk".into(), Negotiated::default()))
+        );
+        let (mut c, t) = open_negotiated(&f);
+        expect(&mut c, opt::STRUCTURED_REPLY, b"x", rep::ERR_INVALID);
+        assert!(expect(&mut c, opt::STRUCTURED_REPLY, &[], rep::ACK).is_empty());
+        assert_eq!(go_flags(&mut c, b"disk"), disk_flags() | tx::SEND_DF);
+        let (_, neg) = t.join().unwrap().unwrap();
+        assert_eq!(
+            neg,
+            Negotiated {
+                structured: true,
+                base_allocation: false
+            }
+        );
+    }
+
+    #[test]
+    fn set_meta_context_needs_structured_replies() {
+        let f = fixture();
+        let (mut c, t) = open_negotiated(&f);
+        let q = meta_payload(b"disk", &[BASE_ALLOCATION]);
+        let msg = expect(&mut c, opt::SET_META_CONTEXT, &q, rep::ERR_INVALID);
+        assert_eq!(msg, b"structured replies must be negotiated first");
+        // LIST is allowed anyway.
+        let base = vec![(BASE_ALLOCATION_ID, BASE_ALLOCATION.to_vec())];
+        assert_eq!(contexts(&mut c, opt::LIST_META_CONTEXT, &q), base);
+        go_flags(&mut c, b"disk");
+        let (_, neg) = t.join().unwrap().unwrap();
+        assert!(!neg.base_allocation && !neg.structured);
+    }
+
+    #[test]
+    fn meta_contexts_are_listed_and_selected_for_one_export() {
+        let f = fixture();
+        let (mut c, t) = open_negotiated(&f);
+        expect(&mut c, opt::STRUCTURED_REPLY, &[], rep::ACK);
+        let base = vec![(BASE_ALLOCATION_ID, BASE_ALLOCATION.to_vec())];
+        let list = opt::LIST_META_CONTEXT;
+        // No query lists all; "base:" lists the namespace; other namespaces
+        // and unknown names match nothing.
+        assert_eq!(contexts(&mut c, list, &meta_payload(b"disk", &[])), base);
+        assert_eq!(
+            contexts(&mut c, list, &meta_payload(b"", &[b"base:"])),
+            base
+        );
+        let other: [&[u8]; 3] = [b"qemu:allocation-depth", b"base:nothing", b"x"];
+        assert!(contexts(&mut c, list, &meta_payload(b"disk", &other)).is_empty());
+        // SET takes whole names only, and an empty SET selects nothing.
+        let set = opt::SET_META_CONTEXT;
+        assert!(contexts(&mut c, set, &meta_payload(b"disk", &[b"base:"])).is_empty());
+        assert!(contexts(&mut c, set, &meta_payload(b"disk", &[])).is_empty());
+        // Unknown exports and malformed payloads are refused.
+        expect(
+            &mut c,
+            set,
+            &meta_payload(b"nope", &[BASE_ALLOCATION]),
+            rep::ERR_UNKNOWN,
+        );
+        expect(&mut c, list, &meta_payload(b"nope", &[]), rep::ERR_UNKNOWN);
+        let mut bad = meta_payload(b"disk", &[BASE_ALLOCATION]);
+        bad.pop();
+        expect(&mut c, set, &bad, rep::ERR_INVALID);
+        expect(&mut c, list, &[0, 0], rep::ERR_INVALID);
+        let q = meta_payload(b"disk", &[b"qemu:dirty-bitmap:x", BASE_ALLOCATION]);
+        assert_eq!(contexts(&mut c, set, &q), base);
+        go_flags(&mut c, b"disk");
+        let (_, neg) = t.join().unwrap().unwrap();
+        assert_eq!(
+            neg,
+            Negotiated {
+                structured: true,
+                base_allocation: true
+            }
+        );
+        // Selected for "disk", but GO on "iso": nothing is selected there.
+        let (mut c, t) = open_negotiated(&f);
+        expect(&mut c, opt::STRUCTURED_REPLY, &[], rep::ACK);
+        let q = meta_payload(b"disk", &[BASE_ALLOCATION]);
+        assert_eq!(contexts(&mut c, set, &q), base);
+        go_flags(&mut c, b"iso");
+        let (_, neg) = t.join().unwrap().unwrap();
+        assert!(neg.structured && !neg.base_allocation);
+        // A SET that fails drops an earlier selection.
+        let (mut c, t) = open_negotiated(&f);
+        expect(&mut c, opt::STRUCTURED_REPLY, &[], rep::ACK);
+        assert_eq!(contexts(&mut c, set, &q), base);
+        expect(&mut c, set, &bad, rep::ERR_INVALID);
+        go_flags(&mut c, b"disk");
+        assert!(!t.join().unwrap().unwrap().1.base_allocation);
     }
 
     #[test]
@@ -594,14 +850,7 @@ mod tests {
     fn unknown_options_get_err_unsup_and_the_handshake_goes_on() {
         let f = fixture();
         let (mut c, t) = open(&f, off());
-        for (o, p) in [
-            (opt::STRUCTURED_REPLY, &b""[..]),
-            (4, b""),
-            (9, b"ctx"),
-            (11, b""),
-            (999, b"abc"),
-            (u32::MAX, b""),
-        ] {
+        for (o, p) in [(4, &b""[..]), (11, b""), (999, b"abc"), (u32::MAX, b"")] {
             expect(&mut c, o, p, rep::ERR_UNSUP);
         }
         expect(&mut c, opt::GO, &go_payload(b"disk", &[]), rep::INFO);

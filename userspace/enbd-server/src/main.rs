@@ -178,11 +178,12 @@ fn tls_policy(cli: &Cli) -> Result<TlsPolicy> {
 fn serve_plain<S: Read + AsRawFd>(
     s: &mut S,
     export: Arc<export::Export>,
+    neg: transmission::Negotiated,
     shared: &Shared,
 ) -> io::Result<transmission::ConnStats> {
     let fd = s.as_raw_fd();
     let mut s = IdleLimit::new(s, shared.idle_timeout);
-    transmission::serve(&mut s, fd, export, shared.workers)
+    transmission::serve(&mut s, fd, export, neg, shared.workers)
 }
 
 /// Moves a TLS session into the kernel (or, failing that, behind a proxy
@@ -191,6 +192,7 @@ fn serve_tls(
     conn: Box<rustls::ServerConnection>,
     mut sock: TcpStream,
     export: Arc<export::Export>,
+    neg: transmission::Negotiated,
     shared: &Shared,
     peer: &str,
 ) -> io::Result<transmission::ConnStats> {
@@ -200,7 +202,7 @@ fn serve_tls(
             enbd_tls::ktls::install(fd, rustls::Connection::Server(*conn))
                 .map_err(io::Error::other)?;
             shared.lock_ktls().push(fd);
-            let r = serve_plain(&mut sock, export, shared);
+            let r = serve_plain(&mut sock, export, neg, shared);
             shared.lock_ktls().retain(|&f| f != fd);
             r
         }
@@ -214,17 +216,22 @@ fn serve_tls(
                 enbd_tls::proxy::spawn(rustls::Connection::Server(*conn), sock)?;
             let fd = inner.as_raw_fd();
             let mut inner = IdleLimit::new(&mut inner, shared.idle_timeout);
-            transmission::serve_watching(&mut inner, fd, watch.as_raw_fd(), export, shared.workers)
+            let watch = watch.as_raw_fd();
+            transmission::serve_watching(&mut inner, fd, watch, export, neg, shared.workers)
         }
     }
 }
 
 /// Runs the handshake within the handshake timeout; the export chosen, if
-/// any.
-fn negotiate(s: &mut Link, peer: &str, shared: &Shared) -> Option<Arc<export::Export>> {
+/// any, and what was negotiated for it.
+fn negotiate(
+    s: &mut Link,
+    peer: &str,
+    shared: &Shared,
+) -> Option<(Arc<export::Export>, transmission::Negotiated)> {
     s.set_deadline(shared.handshake_timeout.map(|t| Instant::now() + t));
     match handshake::run(s, &shared.exports, &shared.tls) {
-        Ok(handshake::Outcome::Transmission(e)) => Some(e),
+        Ok(handshake::Outcome::Transmission(e, neg)) => Some((e, neg)),
         Ok(handshake::Outcome::Closed) => {
             info!(%peer, "handshake ended without an export");
             None
@@ -242,14 +249,14 @@ fn negotiate(s: &mut Link, peer: &str, shared: &Shared) -> Option<Arc<export::Ex
 }
 
 fn handle(mut s: Link, peer: &str, shared: &Shared) {
-    let Some(export) = negotiate(&mut s, peer, shared) else {
+    let Some((export, neg)) = negotiate(&mut s, peer, shared) else {
         return;
     };
-    info!(%peer, export = export.name(), tls = s.is_tls(), "serving");
+    info!(%peer, export = export.name(), tls = s.is_tls(), structured = neg.structured, "serving");
     let served = s.into_bare().and_then(|bare| match bare {
-        Bare::Tcp(mut t) => serve_plain(&mut t, export, shared),
-        Bare::Unix(mut u) => serve_plain(&mut u, export, shared),
-        Bare::Tls(conn, sock) => serve_tls(conn, sock, export, shared, peer),
+        Bare::Tcp(mut t) => serve_plain(&mut t, export, neg, shared),
+        Bare::Unix(mut u) => serve_plain(&mut u, export, neg, shared),
+        Bare::Tls(conn, sock) => serve_tls(conn, sock, export, neg, shared, peer),
     });
     match served {
         Ok(st) => info!(

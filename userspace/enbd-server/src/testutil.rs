@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use enbd_core::wire::{OptionHeader, OptionReplyHeader, Request, SimpleReply};
 
-use crate::backend::{Backend, Storage};
+use crate::backend::{Backend, Run, Storage};
 use crate::export::Export;
 
 /// How long a test waits for anything before it fails instead of hanging.
@@ -78,6 +78,9 @@ pub struct Counts {
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub zeroes: AtomicU64,
+    pub caches: AtomicU64,
+    /// Pretend fast zeroing is not possible here.
+    pub slow_zeroes: std::sync::atomic::AtomicBool,
     /// Writes made durable on their own (`RWF_DSYNC`).
     pub fua_writes: AtomicU64,
     /// Make the next `write_at` fail with this errno (0: don't).
@@ -190,6 +193,20 @@ impl Storage for Probe {
     fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
         self.counts.zeroes.fetch_add(1, Ordering::SeqCst);
         self.inner.write_zeroes(off, len, may_trim)
+    }
+    fn extents(&self, off: u64, len: u64, max: usize) -> io::Result<Vec<Run>> {
+        self.inner.extents(off, len, max)
+    }
+    fn cache(&self, off: u64, len: u64) -> io::Result<()> {
+        self.counts.caches.fetch_add(1, Ordering::SeqCst);
+        self.inner.cache(off, len)
+    }
+    fn write_zeroes_fast(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        self.counts.zeroes.fetch_add(1, Ordering::SeqCst);
+        if self.counts.slow_zeroes.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        self.inner.write_zeroes_fast(off, len, may_trim)
     }
 }
 

@@ -18,15 +18,21 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use enbd_core::wire::{cmd_flags, errno, Cmd, Request, SimpleReply};
+use enbd_core::wire::{
+    self, chunk, cmd_flags, errno, reply_flags, state, BlockStatus, ChunkHeader, Cmd, ErrorChunk,
+    Extent, Request, SimpleReply,
+};
 use tracing::{debug, error, warn};
 
+use crate::backend::{Run, Storage};
 use crate::export::{Export, MAX_PAYLOAD};
 
 /// The write side of a connection, shared by the workers.
 struct Writer {
     fd: RawFd,
     lock: Mutex<()>,
+    /// What the handshake agreed on: structured replies, contexts.
+    neg: Negotiated,
 }
 
 fn send_all(fd: RawFd, mut buf: &[u8], more: bool) -> io::Result<()> {
@@ -47,18 +53,163 @@ fn send_all(fd: RawFd, mut buf: &[u8], more: bool) -> io::Result<()> {
 }
 
 impl Writer {
+    /// The reply to a request that carries no data: a simple reply, or with
+    /// structured replies a `NONE` chunk or an `ERROR` chunk (the protocol
+    /// wants READ answered in chunks even when it fails).
     fn reply(&self, cookie: u64, error: u32) -> io::Result<()> {
-        let h = SimpleReply { error, cookie }.encode();
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        send_all(self.fd, &h, false)
+        if !self.neg.structured {
+            let h = SimpleReply { error, cookie }.encode();
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            return send_all(self.fd, &h, false);
+        }
+        if error == 0 {
+            return self.reply_chunk(cookie, chunk::NONE, &[]);
+        }
+        let mut b = [0u8; 64];
+        let message = errno_text(error).as_bytes();
+        let e = ErrorChunk {
+            error,
+            message,
+            offset: None,
+        };
+        let n = e.encode(&mut b).map_err(io::Error::other)?;
+        self.reply_chunk(cookie, chunk::ERROR, &b[..n])
     }
 
-    fn reply_data(&self, cookie: u64, data: &[u8]) -> io::Result<()> {
-        let h = SimpleReply { error: 0, cookie }.encode();
+    /// One structured chunk with `DONE`: the whole reply.
+    fn reply_chunk(&self, cookie: u64, kind: u16, payload: &[u8]) -> io::Result<()> {
+        let h = chunk_header(cookie, kind, reply_flags::DONE, payload.len())?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        send_all(self.fd, &h, !data.is_empty())?;
-        send_all(self.fd, data, false)
+        send_all(self.fd, &h, !payload.is_empty())?;
+        send_all(self.fd, payload, false)
     }
+
+    /// A successful READ of `data`, read at `offset`. With structured
+    /// replies, `runs` splits it into data and hole chunks (see
+    /// [`read_runs`]); the last chunk carries `DONE`.
+    fn reply_data(&self, cookie: u64, offset: u64, data: &[u8], runs: &[Run]) -> io::Result<()> {
+        if !self.neg.structured {
+            let h = SimpleReply { error: 0, cookie }.encode();
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            send_all(self.fd, &h, !data.is_empty())?;
+            return send_all(self.fd, data, false);
+        }
+        if data.is_empty() {
+            return self.reply_chunk(cookie, chunk::NONE, &[]);
+        }
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut at = 0usize;
+        for (i, r) in runs.iter().enumerate() {
+            let flags = if i + 1 == runs.len() {
+                reply_flags::DONE
+            } else {
+                0
+            };
+            let len = r.len as usize;
+            let chunk_data = data
+                .get(at..at + len)
+                .ok_or_else(|| io::Error::other("read runs past the data"))?;
+            let off = offset + at as u64;
+            if r.hole {
+                let p = wire::encode_hole(off, len as u32);
+                let h = chunk_header(cookie, chunk::OFFSET_HOLE, flags, p.len())?;
+                send_all(self.fd, &h, true)?;
+                send_all(self.fd, &p, flags == 0)?;
+            } else {
+                let h = chunk_header(cookie, chunk::OFFSET_DATA, flags, 8 + len)?;
+                send_all(self.fd, &h, true)?;
+                send_all(self.fd, &off.to_be_bytes(), true)?;
+                send_all(self.fd, chunk_data, flags == 0)?;
+            }
+            at += len;
+        }
+        Ok(())
+    }
+}
+
+fn chunk_header(
+    cookie: u64,
+    kind: u16,
+    flags: u16,
+    len: usize,
+) -> io::Result<[u8; ChunkHeader::LEN]> {
+    let length = u32::try_from(len).map_err(|_| io::Error::other("chunk too long"))?;
+    Ok(ChunkHeader {
+        flags,
+        kind,
+        cookie,
+        length,
+    }
+    .encode())
+}
+
+/// A message for an error chunk.
+fn errno_text(error: u32) -> &'static str {
+    match error {
+        errno::EPERM => "operation not permitted",
+        errno::EIO => "input/output error",
+        errno::ENOMEM => "out of memory",
+        errno::EINVAL => "invalid request",
+        errno::ENOSPC => "no space left on the export",
+        errno::EOVERFLOW => "value too large",
+        errno::ENOTSUP => "not supported",
+        errno::ESHUTDOWN => "the server is shutting down",
+        _ => "error",
+    }
+}
+
+/// What the handshake agreed on for this connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// `OPT_STRUCTURED_REPLY` was acknowledged.
+    pub structured: bool,
+    /// `base:allocation` was selected for this export (`SET_META_CONTEXT`).
+    pub base_allocation: bool,
+}
+
+/// The id this server gives `base:allocation` in `REP_META_CONTEXT`.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Most extents in one `BLOCK_STATUS` reply, and most chunks in one READ
+/// reply: a bound on the work and reply size one request can cause.
+pub const MAX_EXTENTS: usize = 1024;
+
+/// How a READ's data is sent as chunks: the storage's holes, but only
+/// where `data`, read after the holes were looked up, is all zeroes. So a
+/// hole chunk never stands for bytes that read as anything else, even when
+/// the file changed between the lookup and the read. A failed lookup, or
+/// `df`, sends it all as one data chunk.
+fn read_runs(data: &[u8], holes: io::Result<Vec<Run>>, df: bool) -> Vec<Run> {
+    let all = vec![Run {
+        len: data.len() as u64,
+        hole: false,
+    }];
+    let runs = match holes {
+        Ok(r) if !df => r,
+        _ => return all,
+    };
+    let mut out: Vec<Run> = Vec::with_capacity(runs.len() + 1);
+    let mut at = 0usize;
+    let mut push = |len: usize, hole: bool| match out.last_mut() {
+        Some(last) if last.hole == hole => last.len += len as u64,
+        _ => out.push(Run {
+            len: len as u64,
+            hole,
+        }),
+    };
+    for r in runs {
+        let len = (r.len as usize).min(data.len() - at);
+        if len == 0 {
+            break;
+        }
+        let hole = r.hole && data[at..at + len].iter().all(|&b| b == 0);
+        push(len, hole);
+        at += len;
+    }
+    if at < data.len() {
+        push(data.len() - at, false);
+    }
+    out
 }
 
 /// Read buffer a worker keeps between requests; larger ones are freed.
@@ -191,20 +342,24 @@ impl Conn {
     }
 }
 
-/// Checks a request against the export. `Err` is the NBD error to reply.
-fn validate(req: &Request, export: &Export) -> Result<Cmd, u32> {
+/// Checks a request against the export and what was negotiated. `Err` is
+/// the NBD error to reply.
+fn validate(req: &Request, export: &Export, neg: Negotiated) -> Result<Cmd, u32> {
     let cmd = req.command().ok_or(errno::EINVAL)?;
     // With SEND_FUA announced, the protocol has servers accept FUA on every
     // command, ignoring it where nothing is written.
     let allowed = match cmd {
-        Cmd::WriteZeroes => cmd_flags::FUA | cmd_flags::NO_HOLE,
+        Cmd::WriteZeroes => cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+        // DF is announced only with structured replies.
+        Cmd::Read if neg.structured => cmd_flags::FUA | cmd_flags::DF,
+        Cmd::BlockStatus => cmd_flags::FUA | cmd_flags::REQ_ONE,
         _ => cmd_flags::FUA,
     };
     if req.flags & !allowed != 0 {
         return Err(errno::EINVAL);
     }
     match cmd {
-        Cmd::Read | Cmd::Write | Cmd::Trim | Cmd::WriteZeroes => {
+        Cmd::Read | Cmd::Write | Cmd::Trim | Cmd::WriteZeroes | Cmd::Cache | Cmd::BlockStatus => {
             let end = req
                 .offset
                 .checked_add(u64::from(req.length))
@@ -215,13 +370,16 @@ fn validate(req: &Request, export: &Export) -> Result<Cmd, u32> {
             if matches!(cmd, Cmd::Read | Cmd::Write) && req.length > MAX_PAYLOAD {
                 return Err(errno::EINVAL);
             }
-            if cmd != Cmd::Read && export.backend().read_only() {
+            if modifies(cmd) && export.backend().read_only() {
                 return Err(errno::EPERM);
+            }
+            // Only with base:allocation selected, which needs structured
+            // replies; an empty query has no extent to answer with.
+            if cmd == Cmd::BlockStatus && (!neg.base_allocation || req.length == 0) {
+                return Err(errno::EINVAL);
             }
         }
         Cmd::Flush | Cmd::Disc => {}
-        // Not announced (no SEND_CACHE).
-        Cmd::Cache => return Err(errno::EINVAL),
     }
     Ok(cmd)
 }
@@ -244,25 +402,53 @@ fn execute(job: Job, export: &Export, out: &Writer, scratch: &mut Vec<u8>) -> io
     let fua = flags & cmd_flags::FUA != 0 && modifies(job.cmd);
     // WRITE makes just its range durable; the others flush afterwards.
     let flush_after = fua && job.cmd != Cmd::Write;
+    let may_trim = flags & cmd_flags::NO_HOLE == 0;
     let result = match job.cmd {
         Cmd::Read => {
+            // Holes are looked up before the read: see `read_runs`.
+            let holes = if out.neg.structured {
+                b.extents(offset, u64::from(length), MAX_EXTENTS)
+            } else {
+                Ok(Vec::new())
+            };
             scratch.resize(length as usize, 0);
             match b.read_at(scratch, offset) {
-                Ok(()) => return out.reply_data(cookie, scratch),
+                Ok(()) => {
+                    let runs = if out.neg.structured {
+                        read_runs(scratch, holes, flags & cmd_flags::DF != 0)
+                    } else {
+                        Vec::new()
+                    };
+                    return out.reply_data(cookie, offset, scratch, &runs);
+                }
                 Err(e) => Err(e),
             }
         }
         Cmd::Write => b.write_at(&job.payload, offset, fua),
         Cmd::Flush => b.flush(),
         Cmd::Trim => b.trim(offset, u64::from(length)),
-        Cmd::WriteZeroes => {
-            b.write_zeroes(offset, u64::from(length), flags & cmd_flags::NO_HOLE == 0)
+        Cmd::WriteZeroes if flags & cmd_flags::FAST_ZERO != 0 => {
+            b.write_zeroes_fast(offset, u64::from(length), may_trim)
         }
-        Cmd::Disc | Cmd::Cache => Ok(()),
+        Cmd::WriteZeroes => b.write_zeroes(offset, u64::from(length), may_trim),
+        Cmd::Cache => b.cache(offset, u64::from(length)),
+        Cmd::BlockStatus => {
+            let one = flags & cmd_flags::REQ_ONE != 0;
+            return reply_block_status(b, out, cookie, offset, length, one);
+        }
+        Cmd::Disc => Ok(()),
     };
     let result = result.and_then(|()| if flush_after { b.flush() } else { Ok(()) });
     let error = match result {
         Ok(()) => 0,
+        // The client asked for a fast zero or none: refusing it is normal.
+        Err(e) if job.cmd == Cmd::WriteZeroes && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            debug!(
+                export = export.name(),
+                "fast zero at {offset}+{length} refused"
+            );
+            errno::ENOTSUP
+        }
         Err(e) => {
             warn!(
                 export = export.name(),
@@ -273,6 +459,45 @@ fn execute(job: Job, export: &Export, out: &Writer, scratch: &mut Vec<u8>) -> io
         }
     };
     out.reply(cookie, error)
+}
+
+/// Answers `BLOCK_STATUS` for `base:allocation` (validated: in range, not
+/// empty): the storage's data and holes, a hole being `HOLE | ZERO`. The
+/// extents never go past the request, so never past the export's end.
+fn reply_block_status(
+    b: &dyn Storage,
+    out: &Writer,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    one: bool,
+) -> io::Result<()> {
+    let max = if one { 1 } else { MAX_EXTENTS };
+    let runs = b
+        .extents(offset, u64::from(length), max)
+        .unwrap_or_else(|e| {
+            // The protocol allows "status unknown" (0) rather than an error.
+            debug!("extents at {offset}+{length}: {e}; reporting all data");
+            Vec::new()
+        });
+    let mut extents: Vec<Extent> = Vec::with_capacity(runs.len().min(max));
+    let mut total = 0u64;
+    for r in runs.into_iter().take(max) {
+        // Clamped to the request; u32 since the request length is.
+        let len = r.len.min(u64::from(length) - total) as u32;
+        if len == 0 {
+            break;
+        }
+        let flags = if r.hole { state::HOLE | state::ZERO } else { 0 };
+        extents.push(Extent { length: len, flags });
+        total += u64::from(len);
+    }
+    if extents.is_empty() {
+        extents.push(Extent { length, flags: 0 });
+    }
+    let mut p = vec![0u8; 4 + wire::EXTENT_LEN * extents.len()];
+    let n = BlockStatus::encode(BASE_ALLOCATION_ID, &extents, &mut p).map_err(io::Error::other)?;
+    out.reply_chunk(cookie, chunk::BLOCK_STATUS, &p[..n])
 }
 
 fn discard(s: &mut impl Read, mut len: u64) -> io::Result<()> {
@@ -332,7 +557,7 @@ fn read_requests(
             return Ok(End::Eof);
         }
         stats.requests += 1;
-        let checked = validate(&req, export);
+        let checked = validate(&req, export, out.neg);
         let payload_len = u64::from(req.payload_len());
         match checked {
             Ok(Cmd::Disc) => return Ok(End::Disc),
@@ -362,9 +587,10 @@ pub fn serve(
     stream: &mut impl Read,
     fd: RawFd,
     export: Arc<Export>,
+    neg: Negotiated,
     workers: usize,
 ) -> io::Result<ConnStats> {
-    serve_watching(stream, fd, fd, export, workers)
+    serve_watching(stream, fd, fd, export, neg, workers)
 }
 
 /// [`serve`], with `peer_fd` the socket whose hang-up fencing watches when
@@ -375,11 +601,13 @@ pub fn serve_watching(
     fd: RawFd,
     peer_fd: RawFd,
     export: Arc<Export>,
+    neg: Negotiated,
     workers: usize,
 ) -> io::Result<ConnStats> {
     let out = Arc::new(Writer {
         fd,
         lock: Mutex::new(()),
+        neg,
     });
     let conn = Arc::new(Conn::new(peer_fd));
     let (tx, rx) = crossbeam_channel::bounded::<Job>(workers * 8);
@@ -469,6 +697,8 @@ mod tests {
 
     use enbd_core::wire::{cmd_flags, errno, Cmd, Request, REQUEST_MAGIC};
 
+    use std::os::unix::fs::FileExt;
+
     use super::*;
     use crate::testutil::{
         pair, probed_export, read_reply, read_rest, send_request, wait_consumed, Counts, TempFile,
@@ -487,10 +717,20 @@ mod tests {
 
     fn start_with(file: TempFile, read_only: bool, workers: usize) -> Session {
         let (export, counts) = probed_export("disk", &file, read_only);
+        serve_export(export, counts, file, Negotiated::default(), workers)
+    }
+
+    fn serve_export(
+        export: Arc<Export>,
+        counts: Arc<Counts>,
+        file: TempFile,
+        neg: Negotiated,
+        workers: usize,
+    ) -> Session {
         let (client, mut server_end) = pair();
         let server = std::thread::spawn(move || {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
-            serve(&mut server_end, fd, export, workers)
+            serve(&mut server_end, fd, export, neg, workers)
         });
         Session {
             client,
@@ -637,14 +877,15 @@ mod tests {
         let mut c = start(false, 2);
         // NO_HOLE only applies to WRITE_ZEROES; its payload is still read.
         assert_eq!(c.write(1, cmd_flags::NO_HOLE, 0, &[7; 512]), errno::EINVAL);
-        // DF is not announced; unknown bits are refused too.
+        // DF is not announced without structured replies; unknown bits are
+        // refused too.
         assert_eq!(
             c.call(req(Cmd::Read, cmd_flags::DF, 2, 0, 512)),
             errno::EINVAL
         );
         assert_eq!(c.call(req(Cmd::Trim, 1 << 9, 3, 0, 512)), errno::EINVAL);
         assert_eq!(
-            c.call(req(Cmd::WriteZeroes, cmd_flags::FAST_ZERO, 4, 0, 512)),
+            c.call(req(Cmd::WriteZeroes, cmd_flags::REQ_ONE, 4, 0, 512)),
             errno::EINVAL
         );
         assert_eq!(c.counts.writes(), 0);
@@ -729,8 +970,9 @@ mod tests {
     #[test]
     fn unknown_commands_get_einval() {
         let mut c = start(false, 2);
-        // CACHE is not announced; 7 is BLOCK_STATUS; the rest are unknown.
-        for (cookie, cmd) in [(1, 5u16), (2, 7), (3, 8), (4, 0xffff)] {
+        // 7 is BLOCK_STATUS, without a metadata context here; the rest are
+        // unknown.
+        for (cookie, cmd) in [(1, 9u16), (2, 7), (3, 8), (4, 0xffff)] {
             let r = Request {
                 cmd,
                 cookie,
@@ -886,7 +1128,7 @@ mod tests {
         let server = std::thread::spawn(move || {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
             let watch = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-            serve_watching(&mut server_end, fd, watch, export, 1)
+            serve_watching(&mut server_end, fd, watch, export, Negotiated::default(), 1)
         });
         counts.hold_next_flush();
         send_request(&mut client, req(Cmd::Flush, 0, 1, 0, 0), &[]);
@@ -940,5 +1182,362 @@ mod tests {
         for i in 0..20 {
             assert_eq!(c.file.read(i * 4096, 512), vec![0x55; 512]);
         }
+    }
+
+    // Structured replies, BLOCK_STATUS, CACHE and FAST_ZERO.
+
+    const STRUCTURED: Negotiated = Negotiated {
+        structured: true,
+        base_allocation: false,
+    };
+    const WITH_CONTEXT: Negotiated = Negotiated {
+        structured: true,
+        base_allocation: true,
+    };
+    const MIB: u64 = 1 << 20;
+
+    /// A sparse 4 MiB file with 4 KiB of data at 1 MiB (and zeroes, also
+    /// allocated, in the middle of that page's neighbours: none).
+    fn sparse_file() -> TempFile {
+        let f = TempFile::new(4 * MIB, 0);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.path())
+            .unwrap()
+            .write_all_at(&[0x5a; 4096], MIB)
+            .unwrap();
+        f
+    }
+
+    fn start_structured(file: TempFile, neg: Negotiated) -> Session {
+        let (export, counts) = probed_export("disk", &file, false);
+        serve_export(export, counts, file, neg, 2)
+    }
+
+    /// One structured chunk: header and payload.
+    fn read_chunk(s: &mut impl Read) -> (ChunkHeader, Vec<u8>) {
+        let mut b = [0u8; ChunkHeader::LEN];
+        s.read_exact(&mut b).unwrap();
+        let h = ChunkHeader::decode(&b).unwrap();
+        let mut p = vec![0u8; h.length as usize];
+        s.read_exact(&mut p).unwrap();
+        (h, p)
+    }
+
+    /// Every chunk of one reply, up to the one with DONE.
+    fn read_chunks(s: &mut impl Read, cookie: u64) -> Vec<(u16, Vec<u8>)> {
+        let mut v = Vec::new();
+        loop {
+            let (h, p) = read_chunk(s);
+            assert_eq!(h.cookie, cookie, "chunk of another request");
+            assert_eq!(h.flags & !reply_flags::DONE, 0);
+            v.push((h.kind, p));
+            if h.flags & reply_flags::DONE != 0 {
+                return v;
+            }
+        }
+    }
+
+    /// A content chunk of a READ reply: offset, length, whether a hole.
+    type Piece = (u64, u64, bool);
+
+    /// What a structured READ reply says: (offset, length, hole) of each
+    /// content chunk, and the data reassembled; or the error.
+    fn structured_read(
+        c: &mut Session,
+        cookie: u64,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Vec<Piece>, Vec<u8>), u32> {
+        c.send(req(Cmd::Read, flags, cookie, offset, len), &[]);
+        let mut data = vec![0xeeu8; len as usize];
+        let mut pieces = Vec::new();
+        for (kind, p) in read_chunks(&mut c.client, cookie) {
+            match kind {
+                chunk::OFFSET_DATA => {
+                    let off = u64::from_be_bytes(p[..8].try_into().unwrap());
+                    let at = (off - offset) as usize;
+                    data[at..at + p.len() - 8].copy_from_slice(&p[8..]);
+                    pieces.push((off, p.len() as u64 - 8, false));
+                }
+                chunk::OFFSET_HOLE => {
+                    let (off, n) = wire::decode_hole(&p).unwrap();
+                    let at = (off - offset) as usize;
+                    data[at..at + n as usize].fill(0);
+                    pieces.push((off, u64::from(n), true));
+                }
+                chunk::ERROR => {
+                    return Err(ErrorChunk::decode(kind, &p).unwrap().error);
+                }
+                chunk::NONE => assert!(p.is_empty()),
+                other => panic!("chunk type {other} in a READ reply"),
+            }
+        }
+        // Content chunks cover the request exactly, without overlap.
+        let mut sorted = pieces.clone();
+        sorted.sort_unstable();
+        let mut at = offset;
+        for (off, n, _) in &sorted {
+            assert_eq!(*off, at, "a gap or an overlap in {pieces:?}");
+            at += n;
+        }
+        assert_eq!(at, offset + u64::from(len), "{pieces:?}");
+        Ok((pieces, data))
+    }
+
+    /// A structured reply of one chunk with DONE: its type and payload.
+    fn structured_call(c: &mut Session, r: Request) -> (u16, Vec<u8>) {
+        c.send(r, &[]);
+        let mut v = read_chunks(&mut c.client, r.cookie);
+        assert_eq!(v.len(), 1, "more than one chunk");
+        v.remove(0)
+    }
+
+    /// The error of a structured reply with no data (0 for `NONE`).
+    fn structured_error(c: &mut Session, r: Request) -> u32 {
+        match structured_call(c, r) {
+            (chunk::NONE, p) if p.is_empty() => 0,
+            (chunk::ERROR, p) => ErrorChunk::decode(chunk::ERROR, &p).unwrap().error,
+            (kind, _) => panic!("chunk type {kind}"),
+        }
+    }
+
+    #[test]
+    fn structured_reads_send_holes_as_hole_chunks_and_data_as_data() {
+        let file = sparse_file();
+        let expected = file.read(0, 2 * MIB as usize);
+        let mut c = start_structured(file, STRUCTURED);
+        let (pieces, data) = structured_read(&mut c, 1, 0, 0, 2 * MIB as u32).unwrap();
+        assert_eq!(data, expected);
+        assert_eq!(
+            pieces,
+            [
+                (0, MIB, true),
+                (MIB, 4096, false),
+                (MIB + 4096, MIB - 4096, true)
+            ]
+        );
+        // Don't fragment: one data chunk, zeroes included.
+        let df = cmd_flags::DF;
+        let (pieces, data) = structured_read(&mut c, 2, df, MIB - 512, 8192).unwrap();
+        assert_eq!(pieces, [(MIB - 512, 8192, false)]);
+        assert_eq!(data, expected[(MIB - 512) as usize..][..8192]);
+        // All data, and an empty read.
+        let (pieces, _) = structured_read(&mut c, 3, 0, MIB + 8, 100).unwrap();
+        assert_eq!(pieces, [(MIB + 8, 100, false)]);
+        let (pieces, _) = structured_read(&mut c, 4, 0, 0, 0).unwrap();
+        assert!(pieces.is_empty());
+        c.disconnect();
+    }
+
+    /// Storage that claims its whole range is a hole, whatever it holds.
+    #[derive(Debug)]
+    struct AllHoles(Box<dyn Storage>);
+
+    impl Storage for AllHoles {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn path(&self) -> &std::path::Path {
+            self.0.path()
+        }
+        fn read_only(&self) -> bool {
+            self.0.read_only()
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            self.0.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> io::Result<()> {
+            self.0.write_at(buf, off, fua)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.0.flush()
+        }
+        fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+            self.0.trim(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+            self.0.write_zeroes(off, len, may_trim)
+        }
+        fn extents(&self, _off: u64, len: u64, _max: usize) -> io::Result<Vec<Run>> {
+            Ok(vec![Run { len, hole: true }])
+        }
+    }
+
+    #[test]
+    fn a_hole_chunk_never_stands_for_data_that_is_not_zero() {
+        // The lookup said "hole" but the bytes read are not all zero (the
+        // file changed between the two): they go out as data.
+        let file = sparse_file();
+        let expected = file.read(0, 2 * MIB as usize);
+        let b = crate::backend::Backend::open(file.path(), false, true).unwrap();
+        let export = Export::with_storage("disk", "", Box::new(AllHoles(Box::new(b))));
+        let counts = Arc::new(Counts::default());
+        let mut c = serve_export(Arc::new(export), counts, file, STRUCTURED, 1);
+        let (pieces, data) = structured_read(&mut c, 1, 0, 0, 2 * MIB as u32).unwrap();
+        assert_eq!(data, expected);
+        assert_eq!(pieces, [(0, 2 * MIB, false)]);
+        let (pieces, _) = structured_read(&mut c, 2, 0, 2 * MIB, 4096).unwrap();
+        assert_eq!(pieces, [(2 * MIB, 4096, true)], "zeroes may be a hole");
+        c.disconnect();
+    }
+
+    #[test]
+    fn structured_errors_and_successes_are_single_done_chunks() {
+        let mut c = start_structured(TempFile::new(SIZE, FILL), STRUCTURED);
+        // A failed READ: one ERROR chunk, no data, the stream in step.
+        c.counts.fail_reads.store(libc::EIO, Ordering::SeqCst);
+        assert_eq!(structured_read(&mut c, 1, 0, 0, 4096), Err(errno::EIO));
+        // Refused before execution, by the reader: the same form.
+        assert_eq!(
+            structured_read(&mut c, 2, 0, SIZE, 4096),
+            Err(errno::EINVAL)
+        );
+        // A WRITE, a FLUSH: NONE with DONE.
+        c.send(req(Cmd::Write, 0, 3, 0, 512), &[1; 512]);
+        let (kind, p) = read_chunk(&mut c.client);
+        assert_eq!(
+            (kind.kind, kind.flags, kind.cookie, p.len()),
+            (chunk::NONE, 1, 3, 0)
+        );
+        assert_eq!(structured_error(&mut c, req(Cmd::Flush, 0, 4, 0, 0)), 0);
+        // BLOCK_STATUS without a metadata context is invalid.
+        assert_eq!(
+            structured_error(&mut c, req(Cmd::BlockStatus, 0, 5, 0, 4096)),
+            errno::EINVAL
+        );
+        let (_, data) = structured_read(&mut c, 6, 0, 0, 513).unwrap();
+        assert_eq!(data[..512], [1; 512]);
+        assert_eq!(data[512], FILL);
+        c.disconnect();
+    }
+
+    /// BLOCK_STATUS for base:allocation: the extents as (length, flags).
+    fn block_status(
+        c: &mut Session,
+        cookie: u64,
+        flags: u16,
+        off: u64,
+        len: u32,
+    ) -> Vec<(u32, u32)> {
+        let (kind, p) = structured_call(c, req(Cmd::BlockStatus, flags, cookie, off, len));
+        assert_eq!(kind, chunk::BLOCK_STATUS, "{p:?}");
+        let b = BlockStatus::decode(&p).unwrap();
+        assert_eq!(b.context, BASE_ALLOCATION_ID);
+        let v: Vec<_> = b.extents().map(|e| (e.length, e.flags)).collect();
+        let total: u64 = v.iter().map(|e| u64::from(e.0)).sum();
+        assert!(total <= u64::from(len), "extents past the request: {v:?}");
+        v
+    }
+
+    #[test]
+    fn block_status_reports_holes_and_data_within_the_request() {
+        let mut c = start_structured(sparse_file(), WITH_CONTEXT);
+        let hole = state::HOLE | state::ZERO;
+        let m = MIB as u32;
+        assert_eq!(
+            block_status(&mut c, 1, 0, 0, 4 * m),
+            [(m, hole), (4096, 0), (3 * m - 4096, hole)]
+        );
+        // Clamped to the request, which ends inside a hole or inside data.
+        assert_eq!(
+            block_status(&mut c, 2, 0, 512, m),
+            [(m - 512, hole), (512, 0)]
+        );
+        assert_eq!(block_status(&mut c, 3, 0, MIB + 100, 10), [(10, 0)]);
+        // REQ_ONE: exactly one extent.
+        assert_eq!(
+            block_status(&mut c, 4, cmd_flags::REQ_ONE, 0, 4 * m),
+            [(m, hole)]
+        );
+        assert_eq!(
+            block_status(&mut c, 5, cmd_flags::REQ_ONE, MIB, 4 * m - m),
+            [(4096, 0)]
+        );
+        // Past the end, empty, with an unknown flag: EINVAL.
+        for (cookie, r) in [
+            (6, req(Cmd::BlockStatus, 0, 6, 4 * MIB - 512, 1024)),
+            (7, req(Cmd::BlockStatus, 0, 7, 0, 0)),
+            (8, req(Cmd::BlockStatus, cmd_flags::DF, 8, 0, 512)),
+        ] {
+            assert_eq!(
+                structured_error(&mut c, r),
+                errno::EINVAL,
+                "request {cookie}"
+            );
+        }
+        // A write fills part of a hole: the next answer shows it.
+        c.send(req(Cmd::Write, 0, 9, 0, 4096), &[3; 4096]);
+        read_chunks(&mut c.client, 9);
+        assert_eq!(
+            block_status(&mut c, 10, 0, 0, 2 * m),
+            [(4096, 0), (m - 4096, hole), (4096, 0), (m - 4096, hole)]
+        );
+        let (stats, _, _) = c.disconnect();
+        assert_eq!(stats.errors, 3);
+    }
+
+    #[test]
+    fn block_status_bounds_its_extent_count() {
+        // 3000 data pages with holes between them: more runs than a reply
+        // carries.
+        let file = TempFile::new(8 * MIB, 0);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file.path())
+            .unwrap();
+        for i in 0..(8 * MIB / 8192) {
+            f.write_all_at(&[1; 4096], i * 8192).unwrap();
+        }
+        let mut c = start_structured(file, WITH_CONTEXT);
+        let v = block_status(&mut c, 1, 0, 0, 8 * MIB as u32);
+        assert_eq!(v.len(), MAX_EXTENTS);
+        assert_eq!(v[..2], [(4096, 0), (4096, state::HOLE | state::ZERO)]);
+        c.disconnect();
+    }
+
+    #[test]
+    fn cache_is_a_bounded_readahead_hint() {
+        let mut c = start(true, 1);
+        // Allowed on a read-only export; no payload limit applies.
+        assert_eq!(c.call(req(Cmd::Cache, 0, 1, 0, SIZE as u32)), 0);
+        assert_eq!(c.call(req(Cmd::Cache, cmd_flags::FUA, 2, 4096, 512)), 0);
+        assert_eq!(c.counts.caches.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            c.call(req(Cmd::Cache, 0, 3, SIZE - 512, 1024)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            c.call(req(Cmd::Cache, cmd_flags::DF, 4, 0, 512)),
+            errno::EINVAL
+        );
+        let (stats, counts, _) = c.disconnect();
+        assert_eq!(counts.caches.load(Ordering::SeqCst), 2);
+        assert_eq!(stats.errors, 2);
+    }
+
+    #[test]
+    fn a_fast_zero_that_would_be_slow_fails_with_enotsup_and_writes_nothing() {
+        let mut c = start(false, 1);
+        let fast = cmd_flags::FAST_ZERO;
+        c.counts.slow_zeroes.store(true, Ordering::SeqCst);
+        assert_eq!(
+            c.call(req(Cmd::WriteZeroes, fast, 1, 0, 8192)),
+            errno::ENOTSUP
+        );
+        assert_eq!(
+            c.call(req(Cmd::WriteZeroes, fast | cmd_flags::NO_HOLE, 2, 0, 8192)),
+            errno::ENOTSUP
+        );
+        assert_eq!(c.read(3, 0, 8192), vec![FILL; 8192]);
+        assert_eq!(c.counts.writes(), 0);
+        // Where it is fast (a hole punch in this file) it is done.
+        c.counts.slow_zeroes.store(false, Ordering::SeqCst);
+        assert_eq!(c.call(req(Cmd::WriteZeroes, fast, 4, 4096, 8192)), 0);
+        let mut want = vec![FILL; 16384];
+        want[4096..12288].fill(0);
+        assert_eq!(c.read(5, 0, 16384), want);
+        c.disconnect();
     }
 }
