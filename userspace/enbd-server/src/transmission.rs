@@ -1331,11 +1331,20 @@ mod tests {
         c.disconnect();
     }
 
-    /// Storage that claims its whole range is a hole, whatever it holds.
+    /// Storage that claims these runs for any range, whatever it holds:
+    /// wrong, too long or too many, as a careless `Storage` might.
     #[derive(Debug)]
-    struct AllHoles(Box<dyn Storage>);
+    struct Claims(Box<dyn Storage>, Vec<Run>);
 
-    impl Storage for AllHoles {
+    impl Claims {
+        fn export(file: &TempFile, runs: Vec<Run>) -> Arc<Export> {
+            let b = crate::backend::Backend::open(file.path(), false, true).unwrap();
+            let c = Claims(Box::new(b), runs);
+            Arc::new(Export::with_storage("disk", "", Box::new(c)))
+        }
+    }
+
+    impl Storage for Claims {
         fn size(&self) -> u64 {
             self.0.size()
         }
@@ -1360,8 +1369,8 @@ mod tests {
         fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
             self.0.write_zeroes(off, len, may_trim)
         }
-        fn extents(&self, _off: u64, len: u64, _max: usize) -> io::Result<Vec<Run>> {
-            Ok(vec![Run { len, hole: true }])
+        fn extents(&self, _off: u64, _len: u64, _max: usize) -> io::Result<Vec<Run>> {
+            Ok(self.1.clone())
         }
     }
 
@@ -1371,10 +1380,16 @@ mod tests {
         // file changed between the two): they go out as data.
         let file = sparse_file();
         let expected = file.read(0, 2 * MIB as usize);
-        let b = crate::backend::Backend::open(file.path(), false, true).unwrap();
-        let export = Export::with_storage("disk", "", Box::new(AllHoles(Box::new(b))));
+        // One hole, longer than any request.
+        let export = Claims::export(
+            &file,
+            vec![Run {
+                len: 8 * MIB,
+                hole: true,
+            }],
+        );
         let counts = Arc::new(Counts::default());
-        let mut c = serve_export(Arc::new(export), counts, file, STRUCTURED, 1);
+        let mut c = serve_export(export, counts, file, STRUCTURED, 1);
         let (pieces, data) = structured_read(&mut c, 1, 0, 0, 2 * MIB as u32).unwrap();
         assert_eq!(data, expected);
         assert_eq!(pieces, [(0, 2 * MIB, false)]);
@@ -1476,6 +1491,31 @@ mod tests {
         );
         let (stats, _, _) = c.disconnect();
         assert_eq!(stats.errors, 3);
+    }
+
+    #[test]
+    fn block_status_stays_within_the_request_whatever_storage_says() {
+        // Alternating 512-byte holes and data, 3000 of them, for any range.
+        let runs = (0..3000)
+            .map(|i| Run {
+                len: 512,
+                hole: i % 2 == 0,
+            })
+            .collect();
+        let file = TempFile::new(4 * MIB, 0);
+        let export = Claims::export(&file, runs);
+        let mut c = serve_export(export, Arc::new(Counts::default()), file, WITH_CONTEXT, 1);
+        let hole = state::HOLE | state::ZERO;
+        assert_eq!(
+            block_status(&mut c, 1, cmd_flags::REQ_ONE, 0, 4096),
+            [(512, hole)]
+        );
+        assert_eq!(block_status(&mut c, 2, 0, 0, 1000), [(512, hole), (488, 0)]);
+        assert_eq!(
+            block_status(&mut c, 3, 0, 0, 4 * MIB as u32).len(),
+            MAX_EXTENTS
+        );
+        c.disconnect();
     }
 
     #[test]
