@@ -1071,6 +1071,41 @@ mod tests {
     }
 
     #[test]
+    fn starttls_forgets_what_was_negotiated_in_plaintext() {
+        let f = fixture();
+        let (server_cfg, client_cfg) = tls_configs();
+        let (mut c, t) = start_tcp(&f, policy(TlsMode::Allow, Some(server_cfg)));
+        greet(&mut c, FIXED | handshake::C_NO_ZEROES);
+        expect(&mut c, opt::STRUCTURED_REPLY, &[], rep::ACK);
+        expect(&mut c, opt::STARTTLS, &[], rep::ACK);
+        let name = enbd_tls::server_name("localhost").unwrap();
+        let mut tls =
+            rustls::StreamOwned::new(rustls::ClientConnection::new(client_cfg, name).unwrap(), c);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        // No structured replies any more: no DF, and SET is refused.
+        let q = {
+            let mut b = vec![0u8; 64];
+            let n = MetaContextRequest::encode(b"disk", &[BASE_ALLOCATION], &mut b).unwrap();
+            b.truncate(n);
+            b
+        };
+        expect(&mut tls, opt::SET_META_CONTEXT, &q, rep::ERR_INVALID);
+        let p = expect(&mut tls, opt::GO, &go_payload(b"disk", &[]), rep::INFO);
+        assert_eq!(
+            Info::decode(&p),
+            Ok(Info::Export {
+                size: DISK_SIZE,
+                flags: disk_flags()
+            })
+        );
+        let (h, _) = read_option_reply(&mut tls);
+        assert_eq!(h.reply, rep::ACK);
+        assert_eq!(t.join().unwrap().0.unwrap().as_deref(), Some("disk"));
+    }
+
+    #[test]
     fn a_failed_tls_handshake_is_an_error() {
         let f = fixture();
         let (server_cfg, _) = tls_configs();
