@@ -6,19 +6,86 @@ use std::sync::Arc;
 use enbd_core::wire::tx;
 
 use crate::backend::{Backend, Storage};
+use crate::raid::{Mode, Raid, ALIGN, DEFAULT_STRIPE};
 
 /// Largest request payload served (and announced in `INFO_BLOCK_SIZE`).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
-/// `--export NAME=PATH[,ro][,shared][,desc=TEXT]` as parsed from the command line.
+/// What an export serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// One regular file or block device.
+    Image(PathBuf),
+    /// Several, striped or concatenated (`raid0:` or `linear:`).
+    Raid {
+        mode: Mode,
+        components: Vec<PathBuf>,
+    },
+}
+
+impl Source {
+    /// Every file or device the export uses.
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            Source::Image(p) => std::slice::from_ref(p),
+            Source::Raid { components, .. } => components,
+        }
+    }
+}
+
+/// `--export` as parsed from the command line:
+/// `NAME=PATH[,OPTION...]`, `NAME=raid0:COMPONENT,COMPONENT...[,OPTION...]`
+/// or `NAME=linear:COMPONENT,COMPONENT...[,OPTION...]`. See
+/// `Documentation/server.md` for the grammar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
-    pub path: PathBuf,
+    pub source: Source,
     pub read_only: bool,
     /// Serve the image even while another process holds a lock on it.
     pub shared: bool,
     pub description: String,
+}
+
+const SYNTAX: &str = "expected NAME=PATH, NAME=raid0:PATH,PATH...[,stripe=SIZE] or \
+                      NAME=linear:PATH,PATH..., then [,ro][,shared][,desc=TEXT]";
+
+/// Splits at single commas; `,,` stands for a literal comma (as in qemu's
+/// option syntax), so paths and descriptions can hold one.
+fn split_items(s: &str) -> Vec<String> {
+    if s.is_empty() {
+        return Vec::new();
+    }
+    let mut items = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        let cur = items.last_mut();
+        match (c, cur) {
+            (',', Some(cur)) if chars.peek() == Some(&',') => {
+                chars.next();
+                cur.push(',');
+            }
+            (',', _) => items.push(String::new()),
+            (c, Some(cur)) => cur.push(c),
+            (_, None) => {}
+        }
+    }
+    items
+}
+
+/// A `stripe=` size: bytes, or with a binary suffix (`64K`, `1M`, `1MiB`).
+fn parse_stripe(v: &str) -> Result<u64, String> {
+    let n = parse_size::Config::new()
+        .with_binary()
+        .parse_size(v)
+        .map_err(|e| format!("stripe={v}: {e}"))?;
+    if n == 0 || !n.is_power_of_two() || n % ALIGN != 0 {
+        return Err(format!(
+            "stripe={v}: the stripe must be a power of two and a multiple of {ALIGN} bytes \
+             (4K, 8K, ... 64K, ... 1M)"
+        ));
+    }
+    Ok(n)
 }
 
 impl std::str::FromStr for ExportSpec {
@@ -27,37 +94,106 @@ impl std::str::FromStr for ExportSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, rest) = s
             .split_once('=')
-            .ok_or_else(|| format!("'{s}': expected NAME=PATH[,ro][,shared][,desc=TEXT]"))?;
-        let mut parts = rest.split(',');
-        let path = parts.next().unwrap_or_default();
-        if path.is_empty() {
-            return Err(format!("'{s}': empty path"));
+            .ok_or_else(|| format!("'{s}': {SYNTAX}"))?;
+        if name.len() > 4096 {
+            return Err("export name longer than 4096 bytes".into());
+        }
+        // A plain image at a path that starts with a mode's prefix is
+        // written `./raid0:...`.
+        let (mode, rest) = if let Some(r) = rest.strip_prefix("raid0:") {
+            (
+                Some(Mode::Raid0 {
+                    stripe: DEFAULT_STRIPE,
+                }),
+                r,
+            )
+        } else if let Some(r) = rest.strip_prefix("linear:") {
+            (Some(Mode::Linear), r)
+        } else {
+            (None, rest)
+        };
+        let mut items = split_items(rest).into_iter();
+        let mut components: Vec<PathBuf> = Vec::new();
+        if mode.is_none() {
+            match items.next() {
+                Some(p) if !p.is_empty() => components.push(p.into()),
+                _ => return Err(format!("'{s}': empty path")),
+            }
         }
         let mut spec = ExportSpec {
             name: name.to_owned(),
-            path: path.into(),
+            source: Source::Image(PathBuf::new()),
             read_only: false,
             shared: false,
             description: String::new(),
         };
-        for p in parts {
-            match p {
+        let mut stripe = None;
+        for item in items {
+            match item.as_str() {
                 "ro" => spec.read_only = true,
                 "rw" => spec.read_only = false,
                 "shared" => spec.shared = true,
-                _ => match p.strip_prefix("desc=") {
-                    Some(d) => spec.description = d.to_owned(),
-                    None => {
-                        return Err(format!(
-                            "'{s}': unknown export option '{p}' (use ro, rw, shared or desc=TEXT)"
-                        ))
+                _ if item.starts_with("desc=") => {
+                    spec.description = item["desc=".len()..].to_owned();
+                }
+                _ if item.starts_with("stripe=") => {
+                    stripe = Some(parse_stripe(&item["stripe=".len()..])?);
+                }
+                // In a RAID spec, an item that is no option is a component
+                // if it has a slash; so a typo in an option is an error,
+                // and a component called `ro` is `./ro`.
+                _ if mode.is_some() && item.contains('/') => {
+                    let p = PathBuf::from(&item);
+                    if components.contains(&p) {
+                        return Err(format!("'{s}': component '{item}' listed twice"));
                     }
-                },
+                    components.push(p);
+                }
+                "" => {
+                    return Err(format!(
+                        "'{s}': empty item (a literal comma is written ',,')"
+                    ))
+                }
+                _ if mode.is_some() => {
+                    return Err(format!(
+                        "'{s}': unknown export option '{item}' (use ro, rw, shared, stripe=SIZE \
+                         or desc=TEXT; a component path must contain a '/': ./{item})"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "'{s}': unknown export option '{item}' (use ro, rw, shared or desc=TEXT)"
+                    ))
+                }
             }
         }
-        if spec.name.len() > 4096 {
-            return Err("export name longer than 4096 bytes".into());
-        }
+        spec.source = match mode {
+            None => {
+                if stripe.is_some() {
+                    return Err(format!("'{s}': stripe= applies to raid0 exports only"));
+                }
+                Source::Image(components.pop().unwrap_or_default())
+            }
+            Some(mode) => {
+                let mode = match mode {
+                    Mode::Raid0 { .. } => Mode::Raid0 {
+                        stripe: stripe.unwrap_or(DEFAULT_STRIPE),
+                    },
+                    Mode::Linear if stripe.is_some() => {
+                        return Err(format!("'{s}': stripe= applies to raid0 exports only"))
+                    }
+                    Mode::Linear => Mode::Linear,
+                };
+                if components.len() < 2 {
+                    return Err(format!(
+                        "'{s}': a {} export needs at least two components, got {}",
+                        mode.name(),
+                        components.len()
+                    ));
+                }
+                Source::Raid { mode, components }
+            }
+        };
         Ok(spec)
     }
 }
@@ -72,13 +208,16 @@ pub struct Export {
 
 impl Export {
     pub fn open(spec: &ExportSpec) -> anyhow::Result<Self> {
-        let backend = Backend::open(&spec.path, spec.read_only, spec.shared)
-            .map_err(|e| anyhow::anyhow!("export '{}': {e:#}", spec.name))?;
-        Ok(Self::with_storage(
-            &spec.name,
-            &spec.description,
-            Box::new(backend),
-        ))
+        let backend: anyhow::Result<Box<dyn Storage>> = match &spec.source {
+            Source::Image(path) => Backend::open(path, spec.read_only, spec.shared)
+                .map(|b| Box::new(b) as Box<dyn Storage>),
+            Source::Raid { mode, components } => {
+                Raid::open(&spec.name, *mode, components, spec.read_only, spec.shared)
+                    .map(|r| Box::new(r) as Box<dyn Storage>)
+            }
+        };
+        let backend = backend.map_err(|e| anyhow::anyhow!("export '{}': {e:#}", spec.name))?;
+        Ok(Self::with_storage(&spec.name, &spec.description, backend))
     }
 
     /// An export over any storage (tests wrap a [`Backend`]).
@@ -133,14 +272,20 @@ impl Exports {
     pub fn open(specs: &[ExportSpec]) -> anyhow::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let mut v: Vec<Arc<Export>> = Vec::new();
-        // The image of each export so far: two exports of one image would
-        // otherwise meet each other's lock, worded as another process.
+        // The images (components) of each export so far: two exports of
+        // one image would otherwise meet each other's lock, worded as
+        // another process. One export's own components are checked by
+        // `Raid::open`.
         let mut images: Vec<((u64, u64), &str)> = Vec::new();
         for s in specs {
             if v.iter().any(|e| e.name == s.name) {
                 anyhow::bail!("export '{}' given twice", s.name);
             }
-            if let Ok(m) = std::fs::metadata(&s.path) {
+            let mut mine = Vec::new();
+            for path in s.source.paths() {
+                let Ok(m) = std::fs::metadata(path) else {
+                    continue;
+                };
                 let id = (m.dev(), m.ino());
                 if let Some((_, first)) = images.iter().find(|(i, _)| *i == id) {
                     if !s.shared {
@@ -148,13 +293,14 @@ impl Exports {
                             "exports '{first}' and '{}' serve the same image {}: add ',shared' \
                              to the second to allow it",
                             s.name,
-                            s.path.display()
+                            path.display()
                         );
                     }
                 } else {
-                    images.push((id, &s.name));
+                    mine.push((id, s.name.as_str()));
                 }
             }
+            images.extend(mine);
             v.push(Arc::new(Export::open(s)?));
         }
         Ok(Self(v))
@@ -181,7 +327,7 @@ mod tests {
     fn spec_parsing() {
         let s: ExportSpec = "disk=/tmp/x,ro,desc=a test".parse().unwrap();
         assert_eq!(s.name, "disk");
-        assert_eq!(s.path, PathBuf::from("/tmp/x"));
+        assert_eq!(s.source, Source::Image("/tmp/x".into()));
         assert!(s.read_only && !s.shared);
         assert_eq!(s.description, "a test");
         assert!("d=/x,shared".parse::<ExportSpec>().unwrap().shared);
@@ -189,6 +335,112 @@ mod tests {
         assert!("x=".parse::<ExportSpec>().is_err());
         let e = "x=/a,rx".parse::<ExportSpec>().unwrap_err();
         assert!(e.contains("unknown export option 'rx'"), "{e}");
+    }
+
+    fn parse(s: &str) -> ExportSpec {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn parse_err(s: &str) -> String {
+        s.parse::<ExportSpec>().unwrap_err()
+    }
+
+    fn raid(mode: Mode, components: &[&str]) -> Source {
+        Source::Raid {
+            mode,
+            components: components.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    #[test]
+    fn raid_spec_parsing() {
+        let s = parse("r=raid0:/a,/b,./c,stripe=1M,ro,desc=three striped");
+        let stripe = 1 << 20;
+        assert_eq!(s.source, raid(Mode::Raid0 { stripe }, &["/a", "/b", "./c"]));
+        assert!(s.read_only);
+        assert_eq!(s.description, "three striped");
+        let s = parse("r=raid0:/a,/b");
+        let stripe = DEFAULT_STRIPE;
+        assert_eq!(s.source, raid(Mode::Raid0 { stripe }, &["/a", "/b"]));
+        for (text, stripe) in [
+            ("64K", 64 << 10),
+            ("8k", 8 << 10),
+            ("4096", 4096),
+            ("2MiB", 2 << 20),
+        ] {
+            let s = parse(&format!("r=raid0:/a,/b,stripe={text}"));
+            assert_eq!(
+                s.source,
+                raid(Mode::Raid0 { stripe }, &["/a", "/b"]),
+                "{text}"
+            );
+        }
+        // Options and components in any order; `./ro` is a component.
+        let s = parse("l=linear:shared,/dev/sdb,./ro,/x");
+        assert_eq!(s.source, raid(Mode::Linear, &["/dev/sdb", "./ro", "/x"]));
+        assert!(s.shared && !s.read_only);
+        // A plain image whose path starts like a mode.
+        assert_eq!(
+            parse("p=./raid0:/x").source,
+            Source::Image("./raid0:/x".into())
+        );
+    }
+
+    #[test]
+    fn literal_commas_are_doubled() {
+        let s = parse("d=/img,,v2,desc=a,, b,,,ro");
+        assert_eq!(s.source, Source::Image("/img,v2".into()));
+        assert_eq!(s.description, "a, b,");
+        assert!(s.read_only);
+        let s = parse("l=linear:/a,,1,/b");
+        assert_eq!(s.source, raid(Mode::Linear, &["/a,1", "/b"]));
+        assert!(parse_err("d=/img,").contains("empty item"));
+        let e = parse_err("d=/img,desc=a, b");
+        assert!(
+            e.contains("unknown export option ' b'"),
+            "a single comma splits: {e}"
+        );
+    }
+
+    #[test]
+    fn raid_spec_errors() {
+        for (spec, want) in [
+            ("r=raid0:/a", "at least two components, got 1"),
+            ("r=linear:", "at least two components, got 0"),
+            ("r=raid0:/a,/b,/a", "component '/a' listed twice"),
+            ("r=raid0:/a,/b,stripe=0", "power of two"),
+            ("r=raid0:/a,/b,stripe=48K", "power of two"),
+            ("r=raid0:/a,/b,stripe=2048", "multiple of 4096"),
+            ("r=raid0:/a,/b,stripe=lots", "stripe=lots"),
+            ("r=raid0:/a,/b,stripe=99999999999999999999", "stripe="),
+            ("r=linear:/a,/b,stripe=64K", "raid0 exports only"),
+            ("r=/a,stripe=64K", "raid0 exports only"),
+            ("r=raid0:/a,/b,rx", "unknown export option 'rx'"),
+            ("r=raid0:a.img,/b", "must contain a '/': ./a.img"),
+            ("r=/a,/b", "unknown export option '/b'"),
+        ] {
+            let e = parse_err(spec);
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_raid_component_shared_with_another_export_needs_shared() {
+        let f = crate::testutil::TempFile::new(64 << 10, 0);
+        let g = crate::testutil::TempFile::new(64 << 10, 0);
+        let (f, g) = (f.path().display(), g.path().display());
+        let specs = [
+            parse(&format!("a={g}")),
+            parse(&format!("b=linear:{f},{g}")),
+        ];
+        let e = format!("{:#}", Exports::open(&specs).unwrap_err());
+        assert!(e.contains("'a' and 'b' serve the same image"), "{e}");
+        let specs = [parse(&format!("a=raid0:{f},{g},stripe=16K,desc=x"))];
+        let exports = Exports::open(&specs).unwrap();
+        let e = exports.find(b"a").unwrap();
+        assert_eq!(e.size(), 128 << 10);
+        assert_eq!(e.description(), "x");
+        assert!(e.backend().path().to_string_lossy().starts_with("raid0:"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod export;
 pub mod handshake;
 pub mod limits;
 pub mod link;
+pub mod raid;
 #[cfg(test)]
 mod testutil;
 pub mod transmission;

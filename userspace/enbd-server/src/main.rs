@@ -5,6 +5,7 @@ mod export;
 mod handshake;
 mod limits;
 mod link;
+mod raid;
 #[cfg(test)]
 mod testutil;
 mod transmission;
@@ -41,8 +42,10 @@ use link::{Bare, IdleLimit, Link};
     after_help = "Example:\n  enbd-server --export disk=/srv/disk.img --export iso=/srv/x.iso,ro --listen 0.0.0.0:10809"
 )]
 struct Cli {
-    /// An export: NAME=PATH[,ro][,desc=TEXT]. PATH is a regular file or a
-    /// block device. Repeat for more exports.
+    /// An export: NAME=PATH, NAME=raid0:PATH,PATH...[,stripe=SIZE] or
+    /// NAME=linear:PATH,PATH..., then [,ro][,shared][,desc=TEXT]. A PATH is
+    /// a regular file or a block device; `,,` is a literal comma. Repeat
+    /// for more exports.
     #[arg(short, long = "export", value_name = "SPEC", required = true)]
     exports: Vec<ExportSpec>,
     /// TCP address to listen on.
