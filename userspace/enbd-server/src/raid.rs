@@ -41,17 +41,17 @@ impl Mode {
 pub enum LayoutError {
     #[error("needs at least two components, got {0}")]
     TooFewComponents(usize),
-    #[error("component {index} ({size} bytes) is smaller than one stripe ({stripe} bytes)")]
+    #[error("{size} bytes, smaller than one stripe ({stripe} bytes)")]
     SmallerThanStripe {
         index: usize,
         size: u64,
         stripe: u64,
     },
-    #[error("component {index} is empty")]
+    #[error("it is empty")]
     Empty { index: usize },
     #[error(
-        "component {index} ({size} bytes) is not a multiple of {ALIGN} bytes; only the last \
-         component of a linear export may be"
+        "{size} bytes, not a multiple of {ALIGN} bytes; only the last component of a linear \
+         export may be"
     )]
     Unaligned { index: usize, size: u64 },
     #[error("the export would be larger than 2^64 bytes")]
@@ -384,10 +384,12 @@ impl Raid {
             let which = match &e {
                 LayoutError::SmallerThanStripe { index, .. }
                 | LayoutError::Empty { index }
-                | LayoutError::Unaligned { index, .. } => format!(" ({})", name_of(*index)),
+                | LayoutError::Unaligned { index, .. } => {
+                    format!("component {}: ", name_of(*index))
+                }
                 _ => String::new(),
             };
-            anyhow::anyhow!("{} export: {e}{which}", mode.name())
+            anyhow::anyhow!("{} export: {which}{e}", mode.name())
         };
         let layout = match mode {
             Mode::Raid0 { stripe } => {
