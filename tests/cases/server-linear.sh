@@ -1,11 +1,14 @@
 # a linear export over components of different sizes: data written through /dev/enbd0 reads back, and each component holds exactly its part
 # timeout: 240
 # Components of 20 MiB, 12 MiB + 64 KiB and 9 MiB, end to end: 41 MiB +
-# 64 KiB, every byte used.
-comps=(/tmp/lin-a.img /tmp/lin-b.img /tmp/lin-c.img)
+# 64 KiB, every byte used. The first is a block device (a loop device).
+files=(/tmp/lin-a.img /tmp/lin-b.img /tmp/lin-c.img)
 sizes=($((20 << 20)) $(((12 << 20) + 65536)) $((9 << 20)))
 size=$((sizes[0] + sizes[1] + sizes[2]))
-for i in 0 1 2; do run truncate -s "${sizes[$i]}" "${comps[$i]}"; done
+for i in 0 1 2; do run truncate -s "${sizes[$i]}" "${files[$i]}"; done
+loop=$(losetup --find --show "${files[0]}") || fail "losetup failed"
+trap 'losetup -d "$loop"' EXIT
+comps=("$loop" "${files[1]}" "${files[2]}")
 load_enbd
 start_server 10809 "l=linear:${comps[0]},${comps[1]},${comps[2]},desc=three disks"
 connect_enbd /dev/enbd0 10809 l --channels 2
@@ -30,7 +33,7 @@ run "$CLIENT" disconnect /dev/enbd0
 # The layout on disk: each component is its slice of the image, whole.
 start=0
 for i in 0 1 2; do
-	expect_eq "$(stat -c %s "${comps[$i]}")" "${sizes[$i]}" "size of ${comps[$i]}"
+	expect_eq "$(stat -L -c %s "${files[$i]}")" "${sizes[$i]}" "size of ${files[$i]}"
 	cmp -n "${sizes[$i]}" -i "$start:0" /tmp/lin-ref.bin "${comps[$i]}" ||
 		fail "${comps[$i]} does not hold bytes $start.. of the image"
 	start=$((start + sizes[i]))

@@ -2,14 +2,16 @@
 # timeout: 240
 # Components of 24, 28 and 33 MiB + 12 KiB, stripes of 64 KiB: each gives
 # the smallest (24 MiB), so the export is 72 MiB and the others' tails are
-# unused (and stay zero).
+# unused (and stay zero). The second is a block device (a loop device).
 st=65536
-comps=(/tmp/raid-a.img /tmp/raid-b.img /tmp/raid-c.img)
 per=$((24 << 20))
 size=$((3 * per))
-run truncate -s 24M "${comps[0]}"
-run truncate -s 28M "${comps[1]}"
-run truncate -s $(((33 << 20) + 12288)) "${comps[2]}"
+run truncate -s 24M /tmp/raid-a.img
+run truncate -s 28M /tmp/raid-b.img
+run truncate -s $(((33 << 20) + 12288)) /tmp/raid-c.img
+loop=$(losetup --find --show /tmp/raid-b.img) || fail "losetup failed"
+trap 'losetup -d "$loop"' EXIT
+comps=(/tmp/raid-a.img "$loop" /tmp/raid-c.img)
 load_enbd
 start_server 10809 "r=raid0:${comps[0]},${comps[1]},${comps[2]},stripe=64K"
 grep -q "unused_bytes=4194304" /tmp/enbd-server-10809.log || fail "no warning naming the 4 MiB unused on ${comps[1]}"
@@ -38,9 +40,9 @@ run "$CLIENT" disconnect /dev/enbd0
 # the zeroed ones, then the whole image rebuilt from the components.
 last=$((size / st - 1))
 for k in 0 1 2 3 4 5 6 11 12 128 129 700 $((last - 2)) $((last - 1)) "$last"; do
-	c=$((k % 3))
-	cmp -n "$st" -i "$((k * st)):$((k / 3 * st))" /tmp/raid-ref.bin "${comps[$c]}" ||
-		fail "stripe $k is not at $((k / 3 * st)) on ${comps[$c]}"
+	c=$((k % 3)) row=$((k / 3))
+	cmp -n "$st" -i "$((k * st)):$((row * st))" /tmp/raid-ref.bin "${comps[$c]}" ||
+		fail "stripe $k is not at $((row * st)) on ${comps[$c]}"
 done
 python3 - "$st" /tmp/raid-ref.bin "${comps[@]}" <<'PY' || fail "the components do not rebuild the reference image"
 import sys
