@@ -129,16 +129,18 @@ impl std::str::FromStr for ExportSpec {
         };
         let mut stripe = None;
         for item in items {
+            if let Some(d) = item.strip_prefix("desc=") {
+                spec.description = d.to_owned();
+                continue;
+            }
+            if let Some(v) = item.strip_prefix("stripe=") {
+                stripe = Some(parse_stripe(v)?);
+                continue;
+            }
             match item.as_str() {
                 "ro" => spec.read_only = true,
                 "rw" => spec.read_only = false,
                 "shared" => spec.shared = true,
-                _ if item.starts_with("desc=") => {
-                    spec.description = item["desc=".len()..].to_owned();
-                }
-                _ if item.starts_with("stripe=") => {
-                    stripe = Some(parse_stripe(&item["stripe=".len()..])?);
-                }
                 // In a RAID spec, an item that is no option is a component
                 // if it has a slash; so a typo in an option is an error,
                 // and a component called `ro` is `./ro`.
