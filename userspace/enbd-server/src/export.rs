@@ -67,7 +67,9 @@ impl std::str::FromStr for ExportSpec {
 pub struct Export {
     name: String,
     description: String,
-    backend: Box<dyn Storage>,
+    /// Shared with the export that replaces this one on a reload when only
+    /// its name or description changed: the image stays open (and locked).
+    backend: Arc<dyn Storage>,
 }
 
 impl Export {
@@ -86,7 +88,16 @@ impl Export {
         Self {
             name: name.to_owned(),
             description: description.to_owned(),
-            backend,
+            backend: backend.into(),
+        }
+    }
+
+    /// The same storage under another name and description.
+    fn sharing_storage(&self, name: &str, description: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            backend: self.backend.clone(),
         }
     }
 
@@ -124,12 +135,41 @@ impl Export {
 
 /// All exports; the first is the default one (empty name).
 #[derive(Debug, Default)]
-pub struct Exports(Vec<Arc<Export>>);
+pub struct Exports {
+    exports: Vec<Arc<Export>>,
+    /// What each export was opened from, and the image's (device, inode)
+    /// then, so a reload can tell an unchanged export from a changed one.
+    opened: Vec<(ExportSpec, Option<(u64, u64)>)>,
+}
+
+/// An image's (device, inode), if it can be looked at.
+fn image_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether two specs ask for the same storage: they differ in name and
+/// description at most.
+fn same_storage(a: &ExportSpec, b: &ExportSpec) -> bool {
+    let mut b = b.clone();
+    b.name.clone_from(&a.name);
+    b.description.clone_from(&a.description);
+    *a == b
+}
 
 impl Exports {
     pub fn open(specs: &[ExportSpec]) -> anyhow::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
+        Self::open_reusing(specs, &Self::default())
+    }
+
+    /// Opens `specs`, keeping the open storage of `old`'s exports whose
+    /// spec differs at most in name and description and whose image is
+    /// still the same file: opening it again would meet our own lock, and
+    /// live connections go on using it. All or nothing: on an error, no
+    /// export of `old` is touched.
+    pub fn open_reusing(specs: &[ExportSpec], old: &Exports) -> anyhow::Result<Self> {
         let mut v: Vec<Arc<Export>> = Vec::new();
+        let mut opened = Vec::new();
         // The image of each export so far: two exports of one image would
         // otherwise meet each other's lock, worded as another process.
         let mut images: Vec<((u64, u64), &str)> = Vec::new();
@@ -137,8 +177,8 @@ impl Exports {
             if v.iter().any(|e| e.name == s.name) {
                 anyhow::bail!("export '{}' given twice", s.name);
             }
-            if let Ok(m) = std::fs::metadata(&s.path) {
-                let id = (m.dev(), m.ino());
+            let id = image_id(&s.path);
+            if let Some(id) = id {
                 if let Some((_, first)) = images.iter().find(|(i, _)| *i == id) {
                     if !s.shared {
                         anyhow::bail!(
@@ -152,21 +192,45 @@ impl Exports {
                     images.push((id, &s.name));
                 }
             }
-            v.push(Arc::new(Export::open(s)?));
+            let kept = old
+                .opened
+                .iter()
+                .zip(&old.exports)
+                .find(|((o, oid), _)| same_storage(s, o) && oid.is_some() && *oid == id);
+            let export = match kept {
+                Some((_, e)) => e.sharing_storage(&s.name, &s.description),
+                None => Export::open(s)?,
+            };
+            v.push(Arc::new(export));
+            opened.push((s.clone(), id));
         }
-        Ok(Self(v))
+        Ok(Self { exports: v, opened })
+    }
+
+    /// The specs the exports were opened from, in order.
+    pub fn specs(&self) -> impl Iterator<Item = &ExportSpec> {
+        self.opened.iter().map(|(s, _)| s)
+    }
+
+    /// Whether `other` serves this very storage, open once for both.
+    #[cfg(test)]
+    pub fn shares_storage(a: &Export, b: &Export) -> bool {
+        Arc::ptr_eq(&a.backend, &b.backend)
     }
 
     /// Finds an export by name; the empty name selects the first export.
     pub fn find(&self, name: &[u8]) -> Option<Arc<Export>> {
         if name.is_empty() {
-            return self.0.first().cloned();
+            return self.exports.first().cloned();
         }
-        self.0.iter().find(|e| e.name.as_bytes() == name).cloned()
+        self.exports
+            .iter()
+            .find(|e| e.name.as_bytes() == name)
+            .cloned()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.0.iter()
+        self.exports.iter()
     }
 }
 
