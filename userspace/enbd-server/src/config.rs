@@ -213,9 +213,6 @@ pub fn load_into(cli: &mut Cli, matches: &ArgMatches) -> Result<Option<Reloader>
     let config = Config::load(&file)?;
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     config.options.apply(cli, given);
-    if cli.no_tcp && cli.unix.is_none() {
-        bail!("config file {}: no-tcp needs unix", file.display());
-    }
     let cli_exports = std::mem::take(&mut cli.exports);
     cli.exports = combine(&cli_exports, &config.exports, &file)?;
     info!(
@@ -278,6 +275,17 @@ pub fn reload_now(reloader: &Reloader, shared: &Shared) {
     match reloader.reload(&current) {
         Ok(new) => {
             let (added, removed, changed) = changes(&current, &new);
+            for e in new.iter() {
+                if added.iter().chain(&changed).any(|n| n == e.name()) {
+                    info!(
+                        export = e.name(),
+                        path = %e.backend().path().display(),
+                        size = e.size(),
+                        ro = e.backend().read_only(),
+                        "export ready"
+                    );
+                }
+            }
             shared.set_exports(Arc::new(new));
             info!(
                 file = %reloader.file().display(),
@@ -287,7 +295,10 @@ pub fn reload_now(reloader: &Reloader, shared: &Shared) {
                 "configuration reloaded"
             );
         }
-        Err(e) => error!("reload failed, the configuration in force is kept: {e:#}"),
+        Err(e) => error!(
+            file = %reloader.file().display(),
+            "reload failed, the configuration in force is kept: {e:#}"
+        ),
     }
 }
 
@@ -416,6 +427,34 @@ shared = true
     }
 
     #[test]
+    fn the_packaged_example_is_a_valid_file() {
+        let text = include_str!("../../../packaging/server.toml");
+        let c = Config::parse(text, Path::new("/etc/enbd/server.toml")).unwrap();
+        assert_eq!(
+            c.options,
+            Options::default(),
+            "every option is commented out"
+        );
+        assert_eq!(
+            c.exports,
+            ["disk=/srv/enbd/disk.img,desc=scratch disk".parse().unwrap()]
+        );
+        // Each commented-out option, uncommented, is valid too.
+        let all: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|l| !l.starts_with([' ', '#']))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&all, Path::new("/etc/enbd/server.toml")).unwrap();
+        assert_eq!(c.options.workers, Some(4));
+        assert_eq!(c.exports.len(), 2);
+    }
+
+    #[test]
     fn unknown_keys_are_errors_with_their_line() {
         let e = err("workers = 2\nlisten-on = [\"x\"]\n");
         assert!(
@@ -505,9 +544,10 @@ shared = true
         assert!(e.contains("no exports"), "{e}");
         // Without --config an export is required.
         assert!(combined(&["--workers", "2"]).is_err());
-        let nt = d.config("no-tcp = true\n[[export]]\nname = \"b\"\npath = \"b.img\"\n");
-        let e = combined_err(&["--config", nt.to_str().unwrap()]);
-        assert!(e.contains("no-tcp needs unix"), "{e}");
+        // A unix socket from the file, no TCP from the command line.
+        let nt = d.config("unix = \"s\"\n[[export]]\nname = \"b\"\npath = \"b.img\"\n");
+        let (cli, _) = combined(&["--config", nt.to_str().unwrap(), "--no-tcp"]).unwrap();
+        assert_eq!((cli.no_tcp, cli.unix), (true, Some(d.0.join("s"))));
     }
 
     #[test]

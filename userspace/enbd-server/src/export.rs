@@ -212,7 +212,7 @@ impl Exports {
         self.opened.iter().map(|(s, _)| s)
     }
 
-    /// Whether `other` serves this very storage, open once for both.
+    /// Whether two exports serve one storage, opened once for both.
     #[cfg(test)]
     pub fn shares_storage(a: &Export, b: &Export) -> bool {
         Arc::ptr_eq(&a.backend, &b.backend)

@@ -54,7 +54,7 @@ struct Cli {
     exports: Vec<ExportSpec>,
     /// A TOML file of exports and options; options given on the command
     /// line win over it. SIGHUP re-reads its exports.
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// TCP address to listen on (HOST:PORT, [IPV6]:PORT); repeat for more.
     /// Default: [::]:10809 taking IPv4 clients too, or 0.0.0.0:10809
@@ -66,7 +66,7 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
     /// Do not listen on TCP.
-    #[arg(long, requires = "unix")]
+    #[arg(long)]
     no_tcp: bool,
     /// Worker threads per connection.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -463,6 +463,10 @@ fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     // First, while no thread runs: it clears LISTEN_PID and LISTEN_FDS.
     let passed = listen::take_passed()?;
     let reloader = config::load_into(&mut cli, matches)?;
+    // Checked here rather than by clap: `unix` may come from the file.
+    if cli.no_tcp && cli.unix.is_none() && passed.is_none() {
+        anyhow::bail!("--no-tcp needs --unix: there would be nothing to listen on");
+    }
     let shared = Arc::new(Shared::new(&cli)?);
     shutdown_on_signal(shared.clone())?;
     config::reload_on_sighup(reloader, shared.clone())?;
