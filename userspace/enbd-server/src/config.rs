@@ -669,6 +669,26 @@ shared = true
     }
 
     #[test]
+    fn reload_now_swaps_the_served_exports_only_when_the_file_is_good() {
+        let d = Dir::new();
+        d.image("a.img");
+        d.image("b.img");
+        let p = d.config("[[export]]\nname = \"a\"\npath = \"a.img\"\n");
+        let (cli, r) = combined(&["--config", p.to_str().unwrap()]).unwrap();
+        let (r, shared) = (r.unwrap(), Shared::new(&cli).unwrap());
+        d.config("[[export]]\nname = \"b\"\npath = \"b.img\"\n");
+        reload_now(&r, &shared);
+        assert_eq!(names(&shared.exports()), ["b"]);
+        let before = shared.exports();
+        d.config("[[export]]\nname = \"c\"\npath = \"c.img\"\n");
+        reload_now(&r, &shared);
+        assert!(
+            Arc::ptr_eq(&before, &shared.exports()),
+            "a failed reload swapped"
+        );
+    }
+
+    #[test]
     fn a_replaced_image_is_opened_anew() {
         let d = Dir::new();
         let a = d.image("a.img");

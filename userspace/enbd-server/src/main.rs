@@ -763,6 +763,15 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv4_client_of_the_dual_stack_socket_is_named_by_its_ipv4_address() {
+        let l = listen::bind_default(0).unwrap();
+        let _c = TcpStream::connect(("127.0.0.1", l.local_addr().unwrap().port())).unwrap();
+        let a = accept_tcp(&l).unwrap();
+        assert_eq!(a.ip, Some("127.0.0.1".parse().unwrap()));
+        assert!(a.peer.starts_with("127.0.0.1:"), "{}", a.peer);
+    }
+
+    #[test]
     fn only_a_stale_socket_is_replaced() {
         let dir = temp_dir();
         let sock = dir.join("sock");
