@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, ValueEnum};
 use serde::Deserialize;
+use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
 
 use crate::export::{ExportSpec, Exports};
@@ -302,11 +303,20 @@ pub fn reload_now(reloader: &Reloader, shared: &Shared) {
     }
 }
 
+/// Catches SIGHUP from now on, so that one sent while the server starts
+/// neither ends it (the default action) nor is lost: it is handled once
+/// [`reload_on_sighup`] runs.
+pub fn catch_sighup() -> Result<Signals> {
+    Signals::new([signal_hook::consts::SIGHUP]).context("cannot catch SIGHUP")
+}
+
 /// Reloads the file on each SIGHUP, on a thread of its own. Without a file
 /// SIGHUP is logged and ignored rather than ending the server.
-pub fn reload_on_sighup(reloader: Option<Reloader>, shared: Arc<Shared>) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
-        .context("cannot catch SIGHUP")?;
+pub fn reload_on_sighup(
+    mut signals: Signals,
+    reloader: Option<Reloader>,
+    shared: Arc<Shared>,
+) -> Result<()> {
     std::thread::Builder::new()
         .name("enbd-reload".into())
         .spawn(move || {

@@ -462,6 +462,7 @@ fn bind_all(cli: &Cli) -> Result<Vec<listen::Listener>> {
 fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     // First, while no thread runs: it clears LISTEN_PID and LISTEN_FDS.
     let passed = listen::take_passed()?;
+    let hup = config::catch_sighup()?;
     let reloader = config::load_into(&mut cli, matches)?;
     // Checked here rather than by clap: `unix` may come from the file.
     if cli.no_tcp && cli.unix.is_none() && passed.is_none() {
@@ -469,7 +470,7 @@ fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     }
     let shared = Arc::new(Shared::new(&cli)?);
     shutdown_on_signal(shared.clone())?;
-    config::reload_on_sighup(reloader, shared.clone())?;
+    config::reload_on_sighup(hup, reloader, shared.clone())?;
     let sockets = match passed {
         Some(passed) => {
             info!("socket activation: {} socket(s) from systemd", passed.len());
