@@ -633,6 +633,11 @@ shared = true
         let third = r.reload(&second).unwrap();
         assert!(Exports::shares_storage(&a2, &third.find(b"a2").unwrap()));
         assert_eq!(changes(&second, &third), (vec![], vec![], vec!["b".into()]));
+
+        // Another spelling of the same image is the same storage.
+        d.config("[[export]]\nname = \"a2\"\npath = \"./a.img\"\n");
+        let fourth = r.reload(&third).unwrap();
+        assert!(Exports::shares_storage(&a2, &fourth.find(b"a2").unwrap()));
     }
 
     #[test]

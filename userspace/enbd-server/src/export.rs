@@ -148,12 +148,14 @@ fn image_id(path: &std::path::Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// Whether two specs ask for the same storage: they differ in name and
-/// description at most.
+/// Whether two specs ask for the same storage but for the image's path,
+/// which the caller compares by (device, inode): they differ in name,
+/// description and the spelling of the path at most.
 fn same_storage(a: &ExportSpec, b: &ExportSpec) -> bool {
     let mut b = b.clone();
     b.name.clone_from(&a.name);
     b.description.clone_from(&a.description);
+    b.path.clone_from(&a.path);
     *a == b
 }
 
@@ -164,8 +166,9 @@ impl Exports {
 
     /// Opens `specs`, keeping the open storage of `old`'s exports whose
     /// spec differs at most in name and description and whose image is
-    /// still the same file: opening it again would meet our own lock, and
-    /// live connections go on using it. All or nothing: on an error, no
+    /// still the same file (by device and inode, however its path is
+    /// spelt): opening it again would meet our own lock, and live
+    /// connections go on using it. All or nothing: on an error, no
     /// export of `old` is touched.
     pub fn open_reusing(specs: &[ExportSpec], old: &Exports) -> anyhow::Result<Self> {
         let mut v: Vec<Arc<Export>> = Vec::new();
