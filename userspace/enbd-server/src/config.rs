@@ -634,8 +634,9 @@ shared = true
         assert!(Exports::shares_storage(&a2, &third.find(b"a2").unwrap()));
         assert_eq!(changes(&second, &third), (vec![], vec![], vec!["b".into()]));
 
-        // Another spelling of the same image is the same storage.
-        d.config("[[export]]\nname = \"a2\"\npath = \"./a.img\"\n");
+        // Another path to the same image is the same storage.
+        std::os::unix::fs::symlink("a.img", d.0.join("link.img")).unwrap();
+        d.config("[[export]]\nname = \"a2\"\npath = \"link.img\"\n");
         let fourth = r.reload(&third).unwrap();
         assert!(Exports::shares_storage(&a2, &fourth.find(b"a2").unwrap()));
     }
