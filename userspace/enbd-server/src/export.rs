@@ -74,7 +74,7 @@ fn split_items(s: &str) -> Vec<String> {
 }
 
 /// A `stripe=` size: bytes, or with a binary suffix (`64K`, `1M`, `1MiB`).
-fn parse_stripe(v: &str) -> Result<u64, String> {
+pub(crate) fn parse_stripe(v: &str) -> Result<u64, String> {
     let n = parse_size::Config::new()
         .with_binary()
         .parse_size(v)
@@ -205,7 +205,9 @@ impl std::str::FromStr for ExportSpec {
 pub struct Export {
     name: String,
     description: String,
-    backend: Box<dyn Storage>,
+    /// Shared with the export that replaces this one on a reload when only
+    /// its name or description changed: the image stays open (and locked).
+    backend: Arc<dyn Storage>,
 }
 
 impl Export {
@@ -227,7 +229,16 @@ impl Export {
         Self {
             name: name.to_owned(),
             description: description.to_owned(),
-            backend,
+            backend: backend.into(),
+        }
+    }
+
+    /// The same storage under another name and description.
+    fn sharing_storage(&self, name: &str, description: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            backend: self.backend.clone(),
         }
     }
 
@@ -268,12 +279,57 @@ impl Export {
 
 /// All exports; the first is the default one (empty name).
 #[derive(Debug, Default)]
-pub struct Exports(Vec<Arc<Export>>);
+pub struct Exports {
+    exports: Vec<Arc<Export>>,
+    /// What each export was opened from, and the (device, inode) of each
+    /// of its images then, so a reload can tell an unchanged export from a
+    /// changed one.
+    opened: Vec<(ExportSpec, Vec<ImageId>)>,
+}
+
+/// An image's (device, inode), where it could be looked at.
+type ImageId = Option<(u64, u64)>;
+
+/// The [`ImageId`] of each image (component) of an export.
+fn image_ids(spec: &ExportSpec) -> Vec<ImageId> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    spec.source.paths().iter().map(id).collect()
+}
+
+/// Whether two specs ask for the same storage but for the images' paths,
+/// which the caller compares by (device, inode): they differ in name,
+/// description and the spelling of the paths at most.
+fn same_storage(a: &ExportSpec, b: &ExportSpec) -> bool {
+    let mut b = b.clone();
+    b.name.clone_from(&a.name);
+    b.description.clone_from(&a.description);
+    match (&a.source, &mut b.source) {
+        (Source::Image(pa), Source::Image(pb)) => pb.clone_from(pa),
+        (Source::Raid { components: ca, .. }, Source::Raid { components: cb, .. })
+            if ca.len() == cb.len() =>
+        {
+            cb.clone_from(ca)
+        }
+        _ => return false,
+    }
+    *a == b
+}
 
 impl Exports {
     pub fn open(specs: &[ExportSpec]) -> anyhow::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
+        Self::open_reusing(specs, &Self::default())
+    }
+
+    /// Opens `specs`, keeping the open storage of `old`'s exports whose
+    /// spec differs at most in name and description and whose image is
+    /// still the same file (by device and inode, however its path is
+    /// spelt): opening it again would meet our own lock, and live
+    /// connections go on using it. All or nothing: on an error, no
+    /// export of `old` is touched.
+    pub fn open_reusing(specs: &[ExportSpec], old: &Exports) -> anyhow::Result<Self> {
         let mut v: Vec<Arc<Export>> = Vec::new();
+        let mut opened = Vec::new();
         // The images (components) of each export so far: two exports of
         // one image would otherwise meet each other's lock, worded as
         // another process. One export's own components are checked by
@@ -283,12 +339,12 @@ impl Exports {
             if v.iter().any(|e| e.name == s.name) {
                 anyhow::bail!("export '{}' given twice", s.name);
             }
+            let ids = image_ids(s);
             let mut mine = Vec::new();
-            for path in s.source.paths() {
-                let Ok(m) = std::fs::metadata(path) else {
+            for (path, id) in s.source.paths().iter().zip(&ids) {
+                let Some(id) = *id else {
                     continue;
                 };
-                let id = (m.dev(), m.ino());
                 if let Some((_, first)) = images.iter().find(|(i, _)| *i == id) {
                     if !s.shared {
                         anyhow::bail!(
@@ -303,21 +359,43 @@ impl Exports {
                 }
             }
             images.extend(mine);
-            v.push(Arc::new(Export::open(s)?));
+            let kept = old.opened.iter().zip(&old.exports).find(|((o, oids), _)| {
+                same_storage(s, o) && oids.iter().all(Option::is_some) && *oids == ids
+            });
+            let export = match kept {
+                Some((_, e)) => e.sharing_storage(&s.name, &s.description),
+                None => Export::open(s)?,
+            };
+            v.push(Arc::new(export));
+            opened.push((s.clone(), ids));
         }
-        Ok(Self(v))
+        Ok(Self { exports: v, opened })
+    }
+
+    /// The specs the exports were opened from, in order.
+    pub fn specs(&self) -> impl Iterator<Item = &ExportSpec> {
+        self.opened.iter().map(|(s, _)| s)
+    }
+
+    /// Whether two exports serve one storage, opened once for both.
+    #[cfg(test)]
+    pub fn shares_storage(a: &Export, b: &Export) -> bool {
+        Arc::ptr_eq(&a.backend, &b.backend)
     }
 
     /// Finds an export by name; the empty name selects the first export.
     pub fn find(&self, name: &[u8]) -> Option<Arc<Export>> {
         if name.is_empty() {
-            return self.0.first().cloned();
+            return self.exports.first().cloned();
         }
-        self.0.iter().find(|e| e.name.as_bytes() == name).cloned()
+        self.exports
+            .iter()
+            .find(|e| e.name.as_bytes() == name)
+            .cloned()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.0.iter()
+        self.exports.iter()
     }
 }
 

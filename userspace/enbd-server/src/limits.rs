@@ -54,7 +54,7 @@ impl Limits {
     /// Connections being served from `ip`.
     #[cfg(test)]
     pub fn connections_from(&self, ip: IpAddr) -> usize {
-        self.lock().get(&ip).copied().unwrap_or(0)
+        self.lock().get(&ip.to_canonical()).copied().unwrap_or(0)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
@@ -62,8 +62,11 @@ impl Limits {
     }
 
     /// A place for a new connection from `ip`; `None` (a unix socket) is
-    /// not counted per address.
+    /// not counted per address. An IPv4 client reaching a dual-stack socket
+    /// (`::ffff:a.b.c.d`) counts as `a.b.c.d`, so it has one share however
+    /// it connects.
     pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refused> {
+        let ip = ip.map(|ip| ip.to_canonical());
         if self.active.fetch_add(1, Ordering::SeqCst) >= self.max {
             self.active.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::Full(self.max));
@@ -223,6 +226,22 @@ mod tests {
         assert_eq!((l.connections_from(ten), l.active()), (0, 4));
         assert!(!l.lock().contains_key(&ten), "no entry left at zero");
         let _a = l.admit(Some(ten)).unwrap();
+    }
+
+    #[test]
+    fn a_v4_mapped_address_counts_as_its_ipv4_address() {
+        let l = Arc::new(Limits::new(10, 2));
+        let _a = l.admit(ip("::ffff:10.0.0.1")).unwrap();
+        let _b = l.admit(ip("10.0.0.1")).unwrap();
+        let v4 = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            l.admit(ip("::ffff:10.0.0.1")).unwrap_err(),
+            Refused::PerClient { ip: v4, max: 2 }
+        );
+        assert_eq!(l.lock().get(&v4), Some(&2));
+        // A true IPv6 address is its own client.
+        let _c = l.admit(ip("::1")).unwrap();
+        assert_eq!(l.active(), 3);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! enbd-server: an NBD server (fixed newstyle) for files and block devices.
 
 mod backend;
+mod config;
 mod export;
 mod handshake;
 mod limits;
 mod link;
+mod listen;
 mod raid;
 #[cfg(test)]
 mod testutil;
@@ -23,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tracing::{debug, error, info, warn};
 
 use export::{ExportSpec, Exports};
@@ -46,17 +48,28 @@ struct Cli {
     /// NAME=linear:PATH,PATH..., then [,ro][,shared][,desc=TEXT]. A PATH is
     /// a regular file or a block device; `,,` is a literal comma. Repeat
     /// for more exports.
-    #[arg(short, long = "export", value_name = "SPEC", required = true)]
+    #[arg(
+        short,
+        long = "export",
+        value_name = "SPEC",
+        required_unless_present = "config"
+    )]
     exports: Vec<ExportSpec>,
-    /// TCP address to listen on.
-    #[arg(short, long, default_value = "0.0.0.0:10809", value_name = "ADDR")]
-    listen: String,
+    /// A TOML file of exports and options; options given on the command
+    /// line win over it. SIGHUP re-reads its exports.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// TCP address to listen on (HOST:PORT, [IPV6]:PORT); repeat for more.
+    /// Default: [::]:10809 taking IPv4 clients too, or 0.0.0.0:10809
+    /// without IPv6.
+    #[arg(short, long, value_name = "ADDR")]
+    listen: Vec<String>,
     /// Also (or, with --no-tcp, only) listen on this unix socket. A stale
     /// socket left at PATH is replaced; any other file there is an error.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
     /// Do not listen on TCP.
-    #[arg(long, requires = "unix")]
+    #[arg(long)]
     no_tcp: bool,
     /// Worker threads per connection.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -98,7 +111,8 @@ struct Cli {
 }
 
 struct Shared {
-    exports: Exports,
+    /// Swapped whole by a reload; a handshake keeps the set it started with.
+    exports: std::sync::RwLock<Arc<Exports>>,
     tls: TlsPolicy,
     /// Connections whose TLS session is in the kernel; on SIGTERM each gets
     /// a close_notify.
@@ -129,7 +143,7 @@ impl Shared {
             );
         }
         Ok(Self {
-            exports,
+            exports: std::sync::RwLock::new(Arc::new(exports)),
             tls,
             ktls_fds: std::sync::Mutex::new(Vec::new()),
             workers: usize::from(cli.workers),
@@ -140,6 +154,18 @@ impl Shared {
             handshake_timeout: secs(cli.handshake_timeout),
             idle_timeout: secs(cli.idle_timeout),
         })
+    }
+
+    /// The exports in force.
+    fn exports(&self) -> Arc<Exports> {
+        self.exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_exports(&self, exports: Arc<Exports>) {
+        *self.exports.write().unwrap_or_else(|p| p.into_inner()) = exports;
     }
 
     fn lock_ktls(&self) -> std::sync::MutexGuard<'_, Vec<std::os::fd::RawFd>> {
@@ -233,7 +259,7 @@ fn negotiate(
     shared: &Shared,
 ) -> Option<(Arc<export::Export>, transmission::Negotiated)> {
     s.set_deadline(shared.handshake_timeout.map(|t| Instant::now() + t));
-    match handshake::run(s, &shared.exports, &shared.tls) {
+    match handshake::run(s, &shared.exports(), &shared.tls) {
         Ok(handshake::Outcome::Transmission(e, neg)) => Some((e, neg)),
         Ok(handshake::Outcome::Closed) => {
             info!(%peer, "handshake ended without an export");
@@ -351,11 +377,13 @@ fn spawn(a: Accepted, shared: &Arc<Shared>) {
 fn accept_tcp(l: &TcpListener) -> io::Result<Accepted> {
     let (s, addr) = l.accept()?;
     let _ = s.set_nodelay(true);
+    // An IPv4 client on a dual-stack socket is named, and counted, by its
+    // IPv4 address.
+    let ip = addr.ip().to_canonical();
     Ok(Accepted {
         link: Link::tcp(s),
-        peer: addr.to_string(),
-        // An IPv4 client on a dual-stack socket counts as its IPv4 address.
-        ip: Some(addr.ip().to_canonical()),
+        peer: std::net::SocketAddr::new(ip, addr.port()).to_string(),
+        ip: Some(ip),
     })
 }
 
@@ -421,28 +449,65 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let shared = Arc::new(Shared::new(&cli)?);
-    shutdown_on_signal(shared.clone())?;
-    let mut listeners = Vec::new();
-    if let Some(path) = cli.unix {
-        let l = bind_unix(&path)?;
-        info!(path = %path.display(), "listening");
-        let name = format!("unix:{}", path.display());
-        listeners.push(listen(
-            "enbd-unix",
-            move || accept_unix(&l, &name),
-            &shared,
-        )?);
+/// Binds what the options ask for: the unix socket, then each TCP address
+/// (or the default one).
+fn bind_all(cli: &Cli) -> Result<Vec<listen::Listener>> {
+    let mut v = Vec::new();
+    if let Some(path) = &cli.unix {
+        v.push(listen::Listener::Unix(bind_unix(path)?));
     }
     if !cli.no_tcp {
-        let l = TcpListener::bind(&cli.listen)
-            .with_context(|| format!("cannot listen on {}", cli.listen))?;
-        info!(addr = %cli.listen, "listening");
-        listeners.push(listen("enbd-tcp", move || accept_tcp(&l), &shared)?);
+        if cli.listen.is_empty() {
+            v.push(listen::Listener::Tcp(listen::bind_default(
+                listen::NBD_PORT,
+            )?));
+        }
+        for addr in &cli.listen {
+            v.push(listen::Listener::Tcp(listen::bind_tcp(addr)?));
+        }
     }
-    for l in listeners {
-        let _ = l.join();
+    Ok(v)
+}
+
+fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
+    // First, while no thread runs: it clears LISTEN_PID and LISTEN_FDS.
+    let passed = listen::take_passed()?;
+    let hup = config::catch_sighup()?;
+    let reloader = config::load_into(&mut cli, matches)?;
+    // Checked here rather than by clap: `unix` may come from the file.
+    if cli.no_tcp && cli.unix.is_none() && passed.is_none() {
+        anyhow::bail!("--no-tcp needs --unix: there would be nothing to listen on");
+    }
+    let shared = Arc::new(Shared::new(&cli)?);
+    shutdown_on_signal(shared.clone())?;
+    config::reload_on_sighup(hup, reloader, shared.clone())?;
+    let sockets = match passed {
+        Some(passed) => {
+            info!("socket activation: {} socket(s) from systemd", passed.len());
+            if !cli.listen.is_empty() || cli.unix.is_some() {
+                warn!("socket activation: --listen and --unix are ignored");
+            }
+            passed
+        }
+        None => bind_all(&cli)?,
+    };
+    let mut threads = Vec::new();
+    for (i, l) in sockets.into_iter().enumerate() {
+        let name = l.describe();
+        info!(on = %name, "listening");
+        threads.push(match l {
+            listen::Listener::Tcp(l) => {
+                listen(&format!("enbd-tcp-{i}"), move || accept_tcp(&l), &shared)?
+            }
+            listen::Listener::Unix(l) => listen(
+                &format!("enbd-unix-{i}"),
+                move || accept_unix(&l, &name),
+                &shared,
+            )?,
+        });
+    }
+    for t in threads {
+        let _ = t.join();
     }
     Ok(())
 }
@@ -456,7 +521,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("enbd-server: {e:#}");
@@ -674,6 +741,45 @@ mod tests {
         }
         assert_eq!(s.limits.active(), 3);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_connection_keeps_its_export_across_a_swap_of_the_exports() {
+        let disk = TempFile::new(4096, 0);
+        let other = TempFile::new(8192, 0);
+        let (addr, s) = serve_tcp(shared(&[], &disk));
+        let mut old = connect(addr);
+        go(&mut old);
+        // "disk" removed, "other" the new default.
+        let spec: ExportSpec = format!("other={}", other.path().display()).parse().unwrap();
+        let next = Exports::open_reusing(&[spec], &s.exports()).unwrap();
+        s.set_exports(Arc::new(next));
+        assert!(s.exports().find(b"disk").is_none());
+        // The old connection still writes to "disk".
+        send_request(&mut old, Request::new(Cmd::Write, 0, 7, 0, 4), b"kept");
+        assert_eq!(read_reply(&mut old).error, 0);
+        flush(&mut old, 8);
+        assert_eq!(disk.read(0, 4), b"kept");
+        // A new one gets the new default export, whose size it is told.
+        let mut new = connect(addr);
+        assert!(greeted(&mut new));
+        let cflags = hs::C_FIXED_NEWSTYLE | hs::C_NO_ZEROES;
+        new.write_all(&cflags.to_be_bytes()).unwrap();
+        send_option(&mut new, opt::EXPORT_NAME, b"");
+        let mut info = [0u8; 10];
+        new.read_exact(&mut info).unwrap();
+        assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), 8192);
+        flush(&mut new, 9);
+        flush(&mut old, 10);
+    }
+
+    #[test]
+    fn an_ipv4_client_of_the_dual_stack_socket_is_named_by_its_ipv4_address() {
+        let l = listen::bind_default(0).unwrap();
+        let _c = TcpStream::connect(("127.0.0.1", l.local_addr().unwrap().port())).unwrap();
+        let a = accept_tcp(&l).unwrap();
+        assert_eq!(a.ip, Some("127.0.0.1".parse().unwrap()));
+        assert!(a.peer.starts_with("127.0.0.1:"), "{}", a.peer);
     }
 
     #[test]
