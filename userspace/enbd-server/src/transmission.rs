@@ -12,15 +12,28 @@
 //! shuts it down and may send the same WRITE again on another connection; if
 //! this server executed the stale copy later, after a newer write to the same
 //! blocks, the old data would come back. [`Conn`] enforces the rule.
+//!
+//! # Memory
+//!
+//! The reader takes each WRITE's payload buffer, and each READ's data
+//! buffer, from the budgets of [`crate::budget`] before it reads the payload
+//! or queues the READ, and waits when they are spent: it stops reading the
+//! socket rather than allocate. The buffer is given back when the reply has
+//! been sent or the request is dropped. A client that never reads its
+//! replies blocks the workers in `send`; the send timeout
+//! ([`Resources::send_timeout`]) then kills the connection, which frees
+//! what it held.
 
 use std::io::{self, Read};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use enbd_core::wire::{cmd_flags, errno, Cmd, Request, SimpleReply};
 use tracing::{debug, error, warn};
 
+use crate::budget::{Buffer, ConnMemory, Memory};
 use crate::export::{Export, MAX_PAYLOAD};
 
 /// The write side of a connection, shared by the workers.
@@ -68,7 +81,8 @@ const SCRATCH_KEEP: usize = 1 << 20;
 struct Job {
     req: Request,
     cmd: Cmd,
-    payload: Vec<u8>,
+    /// A WRITE's payload, or the buffer a READ's data goes in.
+    payload: Buffer,
 }
 
 /// Whether a command changes the export's data: what fencing is about.
@@ -285,6 +299,77 @@ fn discard(s: &mut impl Read, mut len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Most bytes of the server budget that idle buffers keep for reuse.
+pub const POOL_KEEP: u64 = 64 << 20;
+
+/// What the connections of a server share, and the limits each gets.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// Worker threads per connection.
+    pub workers: usize,
+    /// The server's budget of request data in flight, and its pool.
+    pub memory: Arc<Memory>,
+    /// Each connection's budget, at least `MAX_PAYLOAD`.
+    pub per_connection: u64,
+    /// How long a reply may make no progress before the connection is
+    /// given up (`SO_SNDTIMEO`); `None`: no limit.
+    pub send_timeout: Option<Duration>,
+}
+
+impl Resources {
+    /// The command line's default budgets (1 GiB, and two of the largest
+    /// requests per connection), for `workers` threads per connection.
+    #[cfg(test)]
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers,
+            memory: Arc::new(Memory::new(1 << 30, POOL_KEEP)),
+            per_connection: 2 * u64::from(MAX_PAYLOAD),
+            send_timeout: None,
+        }
+    }
+}
+
+/// Whether the socket has failed (a reset): its unread requests are lost
+/// anyway. A mere hang-up does not count: requests before a DISC still run.
+fn socket_failed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & libc::POLLERR != 0
+}
+
+/// Arms `SO_SNDTIMEO` on the socket replies go out on: a `send` that makes
+/// no progress for `t` fails with `EAGAIN`, which kills the connection.
+/// Without a limit the socket is left as it is.
+fn set_send_timeout(fd: RawFd, t: Option<Duration>) -> io::Result<()> {
+    let Some(t) = t else {
+        return Ok(());
+    };
+    let tv = libc::timeval {
+        tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval of the size passed; `fd` is a socket.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            std::ptr::addr_of!(tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Per-connection counters, logged at close.
 #[derive(Debug, Default)]
 pub struct ConnStats {
@@ -309,6 +394,7 @@ fn read_requests(
     export: &Export,
     out: &Writer,
     conn: &Conn,
+    memory: &ConnMemory,
     tx: &crossbeam_channel::Sender<Job>,
     stats: &mut ConnStats,
 ) -> io::Result<End> {
@@ -337,9 +423,22 @@ fn read_requests(
         match checked {
             Ok(Cmd::Disc) => return Ok(End::Disc),
             Ok(cmd) => {
-                let mut payload = Vec::new();
+                // The memory the request needs, before its payload is read
+                // (or, for a READ, before a worker fills it). Waiting here
+                // stops reading the socket: backpressure.
+                let need = match cmd {
+                    Cmd::Write => payload_len,
+                    Cmd::Read => u64::from(req.length),
+                    _ => 0,
+                };
+                let mut give_up = || conn.is_dead() || socket_failed(conn.fd);
+                let Some(mut payload) = memory.buffer(need as usize, &mut give_up) else {
+                    // The connection died while the request waited for
+                    // memory (validation keeps `need` within the budgets).
+                    debug!(?req, "connection gone while waiting for memory");
+                    return Ok(End::Eof);
+                };
                 if cmd == Cmd::Write {
-                    payload = vec![0u8; payload_len as usize];
                     stream.read_exact(&mut payload)?;
                 }
                 if tx.send(Job { req, cmd, payload }).is_err() {
@@ -362,9 +461,9 @@ pub fn serve(
     stream: &mut impl Read,
     fd: RawFd,
     export: Arc<Export>,
-    workers: usize,
+    res: &Resources,
 ) -> io::Result<ConnStats> {
-    serve_watching(stream, fd, fd, export, workers)
+    serve_watching(stream, fd, fd, export, res)
 }
 
 /// [`serve`], with `peer_fd` the socket whose hang-up fencing watches when
@@ -375,8 +474,11 @@ pub fn serve_watching(
     fd: RawFd,
     peer_fd: RawFd,
     export: Arc<Export>,
-    workers: usize,
+    res: &Resources,
 ) -> io::Result<ConnStats> {
+    let workers = res.workers;
+    set_send_timeout(fd, res.send_timeout)?;
+    let memory = res.memory.connection(res.per_connection);
     let out = Arc::new(Writer {
         fd,
         lock: Mutex::new(()),
@@ -393,10 +495,20 @@ pub fn serve_watching(
             // them, so the reader is never stuck on a full queue.
             for job in rx.iter() {
                 // Fencing: the liveness check right before the request starts.
-                let Some(job) = conn.admit(job) else {
+                let Some(mut job) = conn.admit(job) else {
                     continue;
                 };
-                let r = execute(job, &export, &out, &mut scratch);
+                // A READ's data goes into the buffer reserved for it, given
+                // back once its reply is sent.
+                let mut data = Buffer::default();
+                let buf = if job.cmd == Cmd::Read {
+                    data = std::mem::take(&mut job.payload);
+                    data.vec_mut()
+                } else {
+                    &mut scratch
+                };
+                let r = execute(job, &export, &out, buf);
+                drop(data);
                 if scratch.capacity() > SCRATCH_KEEP {
                     // A large read does not pin its buffer for good.
                     scratch = Vec::new();
@@ -426,7 +538,7 @@ pub fn serve_watching(
     }
     drop(rx);
     let mut stats = ConnStats::default();
-    let result = read_requests(stream, &export, &out, &conn, &tx, &mut stats);
+    let result = read_requests(stream, &export, &out, &conn, &memory, &tx, &mut stats);
     match result {
         Ok(End::Disc) => {
             for job in conn.closing() {
@@ -472,6 +584,7 @@ mod tests {
     use super::*;
     use crate::testutil::{
         pair, probed_export, read_reply, read_rest, send_request, wait_consumed, Counts, TempFile,
+        PATIENCE,
     };
 
     const SIZE: u64 = 1 << 20;
@@ -486,11 +599,15 @@ mod tests {
     }
 
     fn start_with(file: TempFile, read_only: bool, workers: usize) -> Session {
+        start_res(file, read_only, Resources::new(workers))
+    }
+
+    fn start_res(file: TempFile, read_only: bool, res: Resources) -> Session {
         let (export, counts) = probed_export("disk", &file, read_only);
         let (client, mut server_end) = pair();
         let server = std::thread::spawn(move || {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
-            serve(&mut server_end, fd, export, workers)
+            serve(&mut server_end, fd, export, &res)
         });
         Session {
             client,
@@ -886,7 +1003,7 @@ mod tests {
         let server = std::thread::spawn(move || {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
             let watch = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-            serve_watching(&mut server_end, fd, watch, export, 1)
+            serve_watching(&mut server_end, fd, watch, export, &Resources::new(1))
         });
         counts.hold_next_flush();
         send_request(&mut client, req(Cmd::Flush, 0, 1, 0, 0), &[]);
@@ -939,6 +1056,175 @@ mod tests {
         assert_eq!((stats.requests, stats.dropped), (22, 0));
         for i in 0..20 {
             assert_eq!(c.file.read(i * 4096, 512), vec![0x55; 512]);
+        }
+    }
+
+    // Memory: request data is held against budgets, and a spent budget
+    // stops the reader instead of allocating.
+
+    /// One worker, a connection budget of two 4 KiB requests, and a server
+    /// budget with no pool, so what is in use is what is in flight.
+    fn small_budget(send_timeout: Option<Duration>) -> Resources {
+        Resources {
+            workers: 1,
+            memory: Arc::new(Memory::new(16384, 0)),
+            per_connection: 8192,
+            send_timeout,
+        }
+    }
+
+    /// Whether the client's send queue still holds bytes after a while:
+    /// the server has stopped reading.
+    fn stays_unread(s: &UnixStream) -> bool {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::TIOCOUTQ,
+                &mut queued,
+            )
+        };
+        assert_eq!(r, 0);
+        queued > 0
+    }
+
+    #[test]
+    fn a_spent_budget_stops_the_reader_until_replies_go_out() {
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        // Two writes fill the connection's budget behind a slow FLUSH; the
+        // third one's payload is left unread in the socket.
+        flush_held_then_writes_of(&mut c, 3, 4096);
+        assert!(stays_unread(&c.client), "the third payload was read");
+        assert_eq!(memory.used(), 8192);
+        c.counts.release();
+        let mut cookies: Vec<u64> = (0..4).map(|_| read_reply(&mut c.client).cookie).collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, [1, 100, 101, 102]);
+        let (stats, counts, file) = c.disconnect();
+        assert_eq!((counts.writes(), stats.dropped), (3, 0));
+        assert_eq!(file.read(2 * 4096, 4096), vec![0x55; 4096]);
+        assert_eq!(memory.used(), 0, "memory of finished requests is held");
+    }
+
+    #[test]
+    fn reads_hold_the_budget_too() {
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        c.counts.hold_next_flush();
+        c.send(req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        c.counts.wait_held();
+        for i in 0..2 {
+            c.send(req(Cmd::Read, 0, 100 + i, 0, 4096), &[]);
+        }
+        wait_consumed(&c.client);
+        // A third READ's request is read, but waits for memory; a WRITE
+        // behind it is not read at all.
+        c.send(req(Cmd::Read, 0, 102, 0, 4096), &[]);
+        c.send(req(Cmd::Write, 0, 103, 0, 4096), &[0x55; 4096]);
+        assert!(stays_unread(&c.client));
+        assert_eq!(memory.used(), 8192);
+        c.counts.release();
+        for _ in 0..5 {
+            let rep = read_reply(&mut c.client);
+            assert_eq!(rep.error, 0);
+            if rep.cookie != 1 && rep.cookie != 103 {
+                let mut d = vec![0u8; 4096];
+                c.client.read_exact(&mut d).unwrap();
+            }
+        }
+        c.disconnect();
+        assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn a_connection_that_dies_while_waiting_for_memory_runs_nothing_more() {
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        flush_held_then_writes_of(&mut c, 3, 4096);
+        assert!(stays_unread(&c.client));
+        // The client goes: the FLUSH's reply fails, which kills the
+        // connection; the queued writes are dropped, and the one waiting
+        // for their memory is read (its payload is in the socket) and
+        // dropped too.
+        drop(c.client);
+        c.counts.release();
+        let stats = c.server.join().unwrap().unwrap();
+        assert_eq!(c.counts.writes(), 0, "a write of a dead connection ran");
+        assert_eq!(stats.dropped, 3);
+        assert_untouched(&c.file, 3);
+        assert_eq!(memory.used(), 0, "a dead connection's memory is held");
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped_after_the_send_timeout() {
+        let timeout = Duration::from_millis(300);
+        let mut res = small_budget(Some(timeout));
+        res.per_connection = 1 << 20;
+        res.memory = Arc::new(Memory::new(1 << 20, 0));
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        // 64 KiB READs until the replies fill the socket: the worker is
+        // stuck in send and the reader in the budget.
+        for i in 0..64 {
+            c.send(req(Cmd::Read, 0, i, 0, 65536), &[]);
+        }
+        let start = std::time::Instant::now();
+        while !c.server.is_finished() {
+            let took = start.elapsed();
+            assert!(took < timeout * 10, "still served after {took:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.server.join().unwrap();
+        assert_eq!(memory.used(), 0, "the dropped connection's memory is held");
+    }
+
+    #[test]
+    fn buffers_are_reused_across_requests() {
+        let res = Resources {
+            memory: Arc::new(Memory::new(1 << 30, 1 << 20)),
+            ..Resources::new(1)
+        };
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        // A buffer goes back right after its reply is sent.
+        let pooled = |n: u64| {
+            let start = std::time::Instant::now();
+            while memory.pooled() != n {
+                assert!(start.elapsed() < PATIENCE, "pooled {}", memory.pooled());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        assert_eq!(c.write(1, 0, 0, &[1; 65536]), 0);
+        pooled(65536);
+        // The READ takes the payload's buffer, and gives it back.
+        assert_eq!(c.read(2, 0, 4096), vec![1; 4096]);
+        pooled(65536);
+        assert_eq!(c.write(3, 0, 4096, &[3; 4096]), 0);
+        pooled(65536);
+        assert_eq!(c.read(4, 0, 8192), [[1; 4096], [3; 4096]].concat());
+        pooled(65536);
+        assert_eq!(memory.used(), 65536, "more than one buffer was used");
+        c.disconnect();
+        // The last connection is gone: nothing is kept.
+        assert_eq!((memory.pooled(), memory.used()), (0, 0));
+    }
+
+    /// Like [`flush_held_then_writes`], with `len`-byte writes.
+    fn flush_held_then_writes_of(c: &mut Session, n: u64, len: usize) {
+        c.counts.hold_next_flush();
+        c.send(req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        c.counts.wait_held();
+        for i in 0..n {
+            c.send(
+                req(Cmd::Write, 0, 100 + i, i * 4096, len as u32),
+                &vec![0x55; len],
+            );
         }
     }
 }
