@@ -70,7 +70,7 @@ impl Budget {
 
     /// Reserves `n` bytes, waiting until they are free and every earlier
     /// waiter is served. While it waits it calls `stalled`, right away and
-    /// then at each release or every [`CHECK`]: it may free memory (the
+    /// then at each release or every `CHECK`: it may free memory (the
     /// pool does), and its `true` gives up. Returns whether `n` bytes were
     /// reserved; more than the limit never are.
     pub fn reserve(&self, n: u64, stalled: &mut dyn FnMut() -> bool) -> bool {
@@ -260,8 +260,9 @@ impl Memory {
 
     /// A buffer of `n` bytes held against `conn` and this server's budget,
     /// waiting for both as needed; `None` if `give_up` said so while
-    /// waiting, or if `n` exceeds a budget (options keep both at least
-    /// `MAX_PAYLOAD`). Growing a reused buffer zeroes only its new bytes.
+    /// waiting. Growing a reused buffer zeroes only its new bytes. A request
+    /// larger than a budget (options keep both at least `MAX_PAYLOAD`, the
+    /// largest one) takes the whole budget rather than never being served.
     pub fn buffer(
         self: &Arc<Self>,
         conn: &Arc<Budget>,
@@ -272,14 +273,15 @@ impl Memory {
             return Some(Buffer::default());
         }
         let want = n as u64;
-        if !conn.reserve(want, give_up) {
+        let conn_bytes = want.min(conn.limit);
+        if !conn.reserve(conn_bytes, give_up) {
             return None;
         }
         // From here on, dropping `b` gives back what it holds.
         let mut b = Buffer {
             data: Vec::new(),
             len: 0,
-            conn_bytes: want,
+            conn_bytes,
             counted: 0,
             owner: Some((conn.clone(), self.clone())),
         };
@@ -287,8 +289,9 @@ impl Memory {
             b.data = p.data;
             b.counted = p.counted;
         }
-        if b.counted < want {
-            let extra = want - b.counted;
+        let target = want.min(self.budget.limit);
+        if b.counted < target {
+            let extra = target - b.counted;
             let enough = self.budget.try_reserve(extra)
                 || self.budget.reserve(extra, &mut || {
                     // Idle buffers go before anyone waits for their bytes.
@@ -298,7 +301,7 @@ impl Memory {
             if !enough {
                 return None;
             }
-            b.counted = want;
+            b.counted = target;
         }
         if b.data.len() < n {
             b.data.reserve_exact(n - b.data.len());
@@ -430,6 +433,18 @@ mod tests {
         b.release(100);
         assert!(!b.reserve(101, &mut never()));
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_request_beyond_the_budgets_takes_them_whole() {
+        let m = mem(2 * MIB, 2 * MIB);
+        let conn = Arc::new(Budget::new(MIB));
+        let a = m.buffer(&conn, 3 << 20, &mut never()).unwrap();
+        assert_eq!(a.len(), 3 << 20);
+        assert_eq!((conn.used(), m.used()), (MIB, 2 * MIB));
+        drop(a);
+        // Bigger than what it holds: freed, not pooled.
+        assert_eq!((conn.used(), m.used(), m.pooled()), (0, 0, 0));
     }
 
     #[test]

@@ -74,7 +74,9 @@ impl Writer {
     }
 }
 
-/// Read buffer a worker keeps between requests; larger ones are freed.
+/// Scratch buffer a worker keeps between requests; larger ones are freed.
+/// A READ's data does not go there but into a buffer held against the
+/// memory budgets ([`Job::payload`]).
 const SCRATCH_KEEP: usize = 1 << 20;
 
 /// A request ready for a worker.
