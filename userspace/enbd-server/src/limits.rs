@@ -200,6 +200,18 @@ impl Limits {
 }
 
 impl Slot {
+    /// Whether it was evicted during its handshake.
+    pub fn evicted(&self) -> bool {
+        self.handshake.is_some_and(|id| {
+            !self
+                .limits
+                .lock_handshakes()
+                .queue
+                .iter()
+                .any(|(i, _)| *i == id)
+        })
+    }
+
     /// The handshake is done: the connection is to be served, if it was not
     /// evicted meanwhile and a served connection's place is free.
     pub fn established(&mut self) -> Result<(), Refused> {
@@ -427,6 +439,7 @@ mod tests {
         assert_eq!(pa.read(&mut [0u8; 1]).unwrap(), 0, "a is not shut down");
         assert_eq!((l.handshaking(), l.active()), (2, 3));
         // Its handshake cannot complete now; the others' can.
+        assert!(a.evicted() && !b.evicted());
         assert_eq!(a.established().unwrap_err(), Refused::Evicted);
         b.established().unwrap();
         assert_eq!(l.handshaking(), 1);

@@ -270,7 +270,12 @@ fn serve_tls(
 
 /// Runs the handshake within the handshake timeout; the export chosen, if
 /// any.
-fn negotiate(s: &mut Link, peer: &str, shared: &Shared) -> Option<Arc<export::Export>> {
+fn negotiate(
+    s: &mut Link,
+    peer: &str,
+    shared: &Shared,
+    slot: &limits::Slot,
+) -> Option<Arc<export::Export>> {
     s.set_deadline(shared.handshake_timeout.map(|t| Instant::now() + t));
     match handshake::run(s, &shared.exports, &shared.tls) {
         Ok(handshake::Outcome::Transmission(e)) => Some(e),
@@ -283,6 +288,11 @@ fn negotiate(s: &mut Link, peer: &str, shared: &Shared) -> Option<Arc<export::Ex
             warn!(%peer, "handshake not done within {} s: disconnected", limit.as_secs());
             None
         }
+        // Counted in the accept thread's summary, not one line each.
+        Err(_) if slot.evicted() => {
+            debug!(%peer, "evicted during the handshake");
+            None
+        }
         Err(e) => {
             warn!(%peer, "handshake failed: {e}");
             None
@@ -291,7 +301,7 @@ fn negotiate(s: &mut Link, peer: &str, shared: &Shared) -> Option<Arc<export::Ex
 }
 
 fn handle(mut s: Link, peer: &str, shared: &Shared, slot: &mut limits::Slot) {
-    let Some(export) = negotiate(&mut s, peer, shared) else {
+    let Some(export) = negotiate(&mut s, peer, shared, slot) else {
         return;
     };
     if let Err(e) = slot.established() {
