@@ -1217,6 +1217,85 @@ mod tests {
         assert_eq!((memory.pooled(), memory.used()), (0, 0));
     }
 
+    #[test]
+    fn a_reset_connection_stops_waiting_for_the_server_budget() {
+        // Connection A holds the whole server budget with two writes queued
+        // behind a slow FLUSH; connection B's write waits for it. B's client
+        // then resets its connection: B gives up at once instead of waiting
+        // for A, and its write never runs.
+        let file = TempFile::new(SIZE, FILL);
+        let (export, counts) = probed_export("disk", &file, false);
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut res_a = res.clone();
+        res_a.per_connection = 16384;
+        let (mut a, mut a_end) = pair();
+        let (ea, eb) = (export.clone(), export);
+        let server_a = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&a_end);
+            serve(&mut a_end, fd, ea, &res_a)
+        });
+        counts.hold_next_flush();
+        send_request(&mut a, req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        counts.wait_held();
+        for i in 0..4 {
+            send_request(
+                &mut a,
+                req(Cmd::Write, 0, 100 + i, i * 4096, 4096),
+                &[0x55; 4096],
+            );
+        }
+        wait_consumed(&a);
+        assert_eq!(memory.used(), 16384);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut b = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let mut b_end = l.accept().unwrap().0;
+        let server_b = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&b_end);
+            serve(&mut b_end, fd, eb, &res)
+        });
+        send_request(
+            &mut b,
+            req(Cmd::Write, 0, 200, 5 * 4096, 4096),
+            &[0x66; 4096],
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: `linger` is a valid struct of the size passed; the fd is
+        // `b`'s open socket. A zero linger makes the close a reset.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&b),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::addr_of!(linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        drop(b);
+        let start = std::time::Instant::now();
+        while !server_b.is_finished() {
+            assert!(start.elapsed() < PATIENCE / 4, "B still waits for memory");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = server_b.join().unwrap();
+        assert_eq!(counts.writes(), 0);
+        assert_eq!(memory.used(), 16384, "A's memory was touched");
+        counts.release();
+        for _ in 0..5 {
+            assert_eq!(read_reply(&mut a).error, 0);
+        }
+        drop(a);
+        let _ = server_a.join().unwrap();
+        assert_eq!(counts.writes(), 4, "B's write ran");
+        assert_eq!(file.read(5 * 4096, 4096), vec![FILL; 4096]);
+        assert_eq!(memory.used(), 0);
+    }
+
     /// Like [`flush_held_then_writes`], with `len`-byte writes.
     fn flush_held_then_writes_of(c: &mut Session, n: u64, len: usize) {
         c.counts.hold_next_flush();
