@@ -4,6 +4,7 @@
 //! that run (`test = false` here), so nothing is tested twice.
 
 pub mod backend;
+pub mod budget;
 pub mod export;
 pub mod handshake;
 pub mod limits;

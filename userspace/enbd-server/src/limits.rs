@@ -1,10 +1,19 @@
 //! Limits on connections: how many are served at once, overall and per
-//! client address, and how fast a failing `accept()` is retried.
+//! client address, how many may be in the handshake, and how fast a failing
+//! `accept()` is retried.
+//!
+//! Connections still in the handshake have a cap of their own, apart from
+//! `--max-connections`: when a new connection arrives and the cap is
+//! reached, the oldest handshaking connection is evicted (its socket shut
+//! down). A good client finishes its handshake in milliseconds, so idle
+//! connections, however many and from however many addresses, cannot keep
+//! it out; they cannot take the slots of served connections either.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -16,15 +25,35 @@ pub enum Refused {
     Full(usize),
     #[error("{ip} already has {max} connections")]
     PerClient { ip: IpAddr, max: usize },
+    #[error("evicted during the handshake by newer connections")]
+    Evicted,
 }
 
-/// Connections being served, overall and per client address.
+/// Connections admitted, overall, per client address and in the handshake.
 #[derive(Debug)]
 pub struct Limits {
+    /// Most connections served (past the handshake).
     max: usize,
     per_client: usize,
+    max_handshakes: usize,
+    /// Connections admitted, in the handshake or served.
     active: AtomicUsize,
+    /// Connections past the handshake.
+    serving: AtomicUsize,
     clients: Mutex<HashMap<IpAddr, usize>>,
+    handshakes: Mutex<Handshakes>,
+}
+
+/// Connections in the handshake, oldest first, each with a descriptor of
+/// its socket to shut it down by. A duplicate, so a connection that ends
+/// meanwhile cannot have its number reused by another socket.
+#[derive(Debug, Default)]
+struct Handshakes {
+    queue: VecDeque<(u64, OwnedFd)>,
+    next_id: u64,
+    /// Evictions not yet reported, and when the last report was.
+    unreported: u64,
+    last_report: Option<Instant>,
 }
 
 /// One admitted connection's place; dropping it, on whatever path the
@@ -33,22 +62,38 @@ pub struct Limits {
 pub struct Slot {
     limits: Arc<Limits>,
     ip: Option<IpAddr>,
+    /// Its entry among the handshaking connections, until it is served.
+    handshake: Option<u64>,
+    serving: bool,
 }
 
 impl Limits {
-    pub fn new(max: usize, per_client: usize) -> Self {
+    pub fn new(max: usize, per_client: usize, max_handshakes: usize) -> Self {
         Self {
             max,
             per_client,
+            max_handshakes: max_handshakes.max(1),
             active: AtomicUsize::new(0),
+            serving: AtomicUsize::new(0),
             clients: Mutex::new(HashMap::new()),
+            handshakes: Mutex::new(Handshakes::default()),
         }
     }
 
-    /// Connections being served.
+    /// Connections admitted, in the handshake or served.
     #[cfg(test)]
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// Connections in the handshake.
+    #[cfg(test)]
+    pub fn handshaking(&self) -> usize {
+        self.lock_handshakes().queue.len()
+    }
+
+    fn lock_handshakes(&self) -> MutexGuard<'_, Handshakes> {
+        self.handshakes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Connections being served from `ip`.
@@ -61,26 +106,74 @@ impl Limits {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A place for a new connection from `ip`; `None` (a unix socket) is
-    /// not counted per address. An IPv4 client reaching a dual-stack socket
-    /// (`::ffff:a.b.c.d`) counts as `a.b.c.d`, so it has one share however
-    /// it connects.
-    pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refused> {
+    /// A place in the handshake for a new connection from `ip` (`None`, a
+    /// unix socket, is not counted per address), whose socket `sock`
+    /// duplicates. When the handshake cap is reached the oldest handshaking
+    /// connection is evicted; whether one was is returned too. An IPv4
+    /// client reaching a dual-stack socket (`::ffff:a.b.c.d`) counts as
+    /// `a.b.c.d`, so it has one share however it connects.
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        sock: OwnedFd,
+    ) -> Result<(Slot, bool), Refused> {
         let ip = ip.map(|ip| ip.to_canonical());
-        if self.active.fetch_add(1, Ordering::SeqCst) >= self.max {
-            self.active.fetch_sub(1, Ordering::SeqCst);
+        // Served connections at the limit: the handshake would be in vain.
+        if self.serving.load(Ordering::SeqCst) >= self.max {
             return Err(Refused::Full(self.max));
         }
+        self.active.fetch_add(1, Ordering::SeqCst);
         // From here on, dropping the slot gives back what it holds.
         let mut slot = Slot {
             limits: self.clone(),
             ip: None,
+            handshake: None,
+            serving: false,
         };
         if let Some(ip) = ip {
             self.take_client(ip)?;
             slot.ip = Some(ip);
         }
-        Ok(slot)
+        let mut hs = self.lock_handshakes();
+        let mut evicted = false;
+        while hs.queue.len() >= self.max_handshakes {
+            let Some((_, oldest)) = hs.queue.pop_front() else {
+                break;
+            };
+            // SAFETY: `oldest` is an open descriptor we own; shutting its
+            // socket down makes the handshake's next read or write fail.
+            unsafe { libc::shutdown(oldest.as_raw_fd(), libc::SHUT_RDWR) };
+            evicted = true;
+            hs.unreported += 1;
+        }
+        let id = hs.next_id;
+        hs.next_id += 1;
+        hs.queue.push_back((id, sock));
+        slot.handshake = Some(id);
+        Ok((slot, evicted))
+    }
+
+    /// Evictions to report now, at most once a second: how many since the
+    /// last report.
+    pub fn evictions_to_report(&self, now: Instant) -> Option<u64> {
+        let mut hs = self.lock_handshakes();
+        let due = match hs.last_report {
+            _ if hs.unreported == 0 => false,
+            Some(t) => now.duration_since(t) >= Duration::from_secs(1),
+            None => true,
+        };
+        due.then(|| {
+            hs.last_report = Some(now);
+            std::mem::take(&mut hs.unreported)
+        })
+    }
+
+    /// Removes a handshake's entry; whether it was still there (not evicted).
+    fn end_handshake(&self, id: u64) -> bool {
+        let mut hs = self.lock_handshakes();
+        let before = hs.queue.len();
+        hs.queue.retain(|(i, _)| *i != id);
+        hs.queue.len() != before
     }
 
     fn take_client(&self, ip: IpAddr) -> Result<(), Refused> {
@@ -109,13 +202,77 @@ impl Limits {
     }
 }
 
+impl Slot {
+    /// Whether it was evicted during its handshake.
+    pub fn evicted(&self) -> bool {
+        self.handshake.is_some_and(|id| {
+            !self
+                .limits
+                .lock_handshakes()
+                .queue
+                .iter()
+                .any(|(i, _)| *i == id)
+        })
+    }
+
+    /// The handshake is done: the connection is to be served, if it was not
+    /// evicted meanwhile and a served connection's place is free.
+    pub fn established(&mut self) -> Result<(), Refused> {
+        let l = &self.limits;
+        if let Some(id) = self.handshake.take() {
+            if !l.end_handshake(id) {
+                return Err(Refused::Evicted);
+            }
+        }
+        if self.serving {
+            return Ok(());
+        }
+        if l.serving.fetch_add(1, Ordering::SeqCst) >= l.max {
+            l.serving.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::Full(l.max));
+        }
+        self.serving = true;
+        Ok(())
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(id) = self.handshake {
+            self.limits.end_handshake(id);
+        }
+        if self.serving {
+            self.limits.serving.fetch_sub(1, Ordering::SeqCst);
+        }
         if let Some(ip) = self.ip {
             self.limits.release_client(ip);
         }
         self.limits.active.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Raises the soft limit on open descriptors to the hard one, so that many
+/// connections (two descriptors each while handshaking) do not run into
+/// the usual 1024. Returns the limits before and after.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = r.rlim_cur;
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: `r` is a valid rlimit; raising the soft limit to the
+        // hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((before, r.rlim_cur))
 }
 
 /// Whether a failed `accept()` concerns only the connection being accepted
@@ -195,69 +352,170 @@ impl Default for AcceptBackoff {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
     use super::*;
 
     fn ip(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())
     }
 
+    /// A duplicate of a connection's socket for the limits, its peer, and
+    /// the socket itself (which the connection keeps open).
+    fn sock() -> (OwnedFd, UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(crate::testutil::PATIENCE)).unwrap();
+        (a.try_clone().unwrap().into(), b, a)
+    }
+
+    trait AdmitNew {
+        fn admit_new(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refused>;
+    }
+
+    impl AdmitNew for Limits {
+        /// Admits a connection and completes its handshake at once.
+        fn admit_new(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refused> {
+            let (mut slot, _) = self.admit(ip, sock().0)?;
+            slot.established()?;
+            Ok(slot)
+        }
+    }
+
     #[test]
     fn one_address_gets_at_most_its_share() {
-        let l = Arc::new(Limits::new(10, 2));
+        let l = Arc::new(Limits::new(10, 2, 4));
         let a = [
-            l.admit(ip("10.0.0.1")).unwrap(),
-            l.admit(ip("10.0.0.1")).unwrap(),
+            l.admit_new(ip("10.0.0.1")).unwrap(),
+            l.admit_new(ip("10.0.0.1")).unwrap(),
         ];
         let ten = "10.0.0.1".parse().unwrap();
         assert_eq!(
-            l.admit(Some(ten)).unwrap_err(),
+            l.admit_new(Some(ten)).unwrap_err(),
             Refused::PerClient { ip: ten, max: 2 }
         );
         // The refusal took no place; other addresses and unix sockets go on.
         assert_eq!(l.active(), 2);
-        let _b = l.admit(ip("10.0.0.2")).unwrap();
+        let _b = l.admit_new(ip("10.0.0.2")).unwrap();
         let _u = [
-            l.admit(None).unwrap(),
-            l.admit(None).unwrap(),
-            l.admit(None).unwrap(),
+            l.admit_new(None).unwrap(),
+            l.admit_new(None).unwrap(),
+            l.admit_new(None).unwrap(),
         ];
         assert_eq!(l.active(), 6);
         drop(a);
         assert_eq!((l.connections_from(ten), l.active()), (0, 4));
         assert!(!l.lock().contains_key(&ten), "no entry left at zero");
-        let _a = l.admit(Some(ten)).unwrap();
+        let _a = l.admit_new(Some(ten)).unwrap();
     }
 
     #[test]
     fn a_v4_mapped_address_counts_as_its_ipv4_address() {
-        let l = Arc::new(Limits::new(10, 2));
-        let _a = l.admit(ip("::ffff:10.0.0.1")).unwrap();
-        let _b = l.admit(ip("10.0.0.1")).unwrap();
+        let l = Arc::new(Limits::new(10, 2, 10));
+        let _a = l.admit_new(ip("::ffff:10.0.0.1")).unwrap();
+        let _b = l.admit_new(ip("10.0.0.1")).unwrap();
         let v4 = "10.0.0.1".parse().unwrap();
         assert_eq!(
-            l.admit(ip("::ffff:10.0.0.1")).unwrap_err(),
+            l.admit_new(ip("::ffff:10.0.0.1")).unwrap_err(),
             Refused::PerClient { ip: v4, max: 2 }
         );
         assert_eq!(l.lock().get(&v4), Some(&2));
         // A true IPv6 address is its own client.
-        let _c = l.admit(ip("::1")).unwrap();
+        let _c = l.admit_new(ip("::1")).unwrap();
         assert_eq!(l.active(), 3);
     }
 
     #[test]
     fn the_overall_limit_comes_first_and_refusals_hold_nothing() {
-        let l = Arc::new(Limits::new(2, 2));
-        let _a = l.admit(ip("::1")).unwrap();
-        let b = l.admit(None).unwrap();
-        assert_eq!(l.admit(ip("::1")).unwrap_err(), Refused::Full(2));
-        assert_eq!(l.admit(None).unwrap_err(), Refused::Full(2));
+        let l = Arc::new(Limits::new(2, 2, 4));
+        let _a = l.admit_new(ip("::1")).unwrap();
+        let b = l.admit_new(None).unwrap();
+        assert_eq!(l.admit_new(ip("::1")).unwrap_err(), Refused::Full(2));
+        assert_eq!(l.admit_new(None).unwrap_err(), Refused::Full(2));
         assert_eq!(
             (l.active(), l.connections_from("::1".parse().unwrap())),
             (2, 1)
         );
         drop(b);
-        let _c = l.admit(ip("::1")).unwrap();
+        let _c = l.admit_new(ip("::1")).unwrap();
         assert_eq!(l.active(), 2);
+    }
+
+    #[test]
+    fn the_oldest_handshake_is_evicted_by_a_new_connection() {
+        let l = Arc::new(Limits::new(10, 100, 2));
+        let (fa, mut pa, _ka) = sock();
+        let (fb, mut pb, _kb) = sock();
+        let (mut a, ev) = l.admit(ip("10.0.0.1"), fa).unwrap();
+        assert!(!ev);
+        let (mut b, ev) = l.admit(ip("10.0.0.2"), fb).unwrap();
+        assert!(!ev);
+        assert_eq!(l.evictions_to_report(Instant::now()), None);
+        // A third: the oldest (a) goes, its socket shut down.
+        let (fc, _pc, _kc) = sock();
+        let (mut c, ev) = l.admit(ip("10.0.0.3"), fc).unwrap();
+        assert!(ev);
+        assert_eq!(pa.read(&mut [0u8; 1]).unwrap(), 0, "a is not shut down");
+        assert_eq!((l.handshaking(), l.active()), (2, 3));
+        // Its handshake cannot complete now; the others' can.
+        assert!(a.evicted() && !b.evicted());
+        assert_eq!(a.established().unwrap_err(), Refused::Evicted);
+        b.established().unwrap();
+        assert_eq!(l.handshaking(), 1);
+        // A served connection no longer counts against the handshake cap,
+        // nor can it be evicted.
+        let (fd, _pd, _kd) = sock();
+        let (_d, ev) = l.admit(None, fd).unwrap();
+        assert!(!ev, "evicted with room left");
+        let (fe, _pe, _ke) = sock();
+        let (_e, ev) = l.admit(None, fe).unwrap();
+        assert!(ev);
+        assert_eq!(c.established().unwrap_err(), Refused::Evicted);
+        pb.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let e = pb.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::WouldBlock,
+            "a served connection was shut down"
+        );
+        let now = Instant::now();
+        assert_eq!(l.evictions_to_report(now), Some(2));
+        assert_eq!(l.evictions_to_report(now), None);
+        drop((a, b, c));
+        assert_eq!((l.active(), l.handshaking()), (2, 2));
+    }
+
+    #[test]
+    fn handshakes_do_not_take_the_places_of_served_connections() {
+        let l = Arc::new(Limits::new(1, 100, 2));
+        let (fa, _pa, _ka) = sock();
+        let (mut a, _) = l.admit(None, fa).unwrap();
+        // Handshakes may be up to their own cap whatever is served.
+        let (fb, _pb, _kb) = sock();
+        let (mut b, _) = l.admit(None, fb).unwrap();
+        a.established().unwrap();
+        // Served connections at the limit: new ones are refused at once,
+        // and a handshake that ends meanwhile is refused at its end.
+        let (fc, _pc, _kc) = sock();
+        assert_eq!(l.admit(None, fc).unwrap_err(), Refused::Full(1));
+        assert_eq!(b.established().unwrap_err(), Refused::Full(1));
+        drop(a);
+        b.established().unwrap();
+        drop(b);
+        assert_eq!((l.active(), l.handshaking()), (0, 0));
+    }
+
+    #[test]
+    fn the_fd_limit_is_raised_to_the_hard_limit() {
+        let (_, after) = raise_fd_limit().unwrap();
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `r` is a valid rlimit for getrlimit to fill.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+        assert_eq!((r.rlim_cur, after), (r.rlim_max, r.rlim_max));
     }
 
     #[test]

@@ -133,6 +133,18 @@ impl Link {
         matches!(self, Link::Tls(_))
     }
 
+    /// Another descriptor of the socket, to shut it down by from another
+    /// thread (eviction during the handshake).
+    pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        match self {
+            Link::Tcp(s) => s.sock.as_fd().try_clone_to_owned(),
+            Link::Unix(s) => s.sock.as_fd().try_clone_to_owned(),
+            Link::Tls(s) => s.sock.sock.as_fd().try_clone_to_owned(),
+            Link::Upgrading => Err(gone()),
+        }
+    }
+
     /// Every read and write from now on, TLS included, fails with
     /// `TimedOut` once `deadline` has passed (`None`: no limit).
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {

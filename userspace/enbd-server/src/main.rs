@@ -1,6 +1,7 @@
 //! enbd-server: an NBD server (fixed newstyle) for files and block devices.
 
 mod backend;
+mod budget;
 mod config;
 mod export;
 mod handshake;
@@ -93,6 +94,25 @@ struct Cli {
     /// activity, so keep this well above the slowest request. 0: no limit.
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     idle_timeout: u64,
+    /// Connections still in the handshake at once; a new connection beyond
+    /// this evicts the oldest of them. Served connections do not count.
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: u32,
+    /// Request data (WRITE payloads, READ data) the whole server holds at
+    /// once; past it, connections stop reading requests until replies go
+    /// out. Suffixes K, M, G are powers of 1024. At least
+    /// --max-inflight-per-connection.
+    #[arg(long, default_value = "1G", value_name = "SIZE", value_parser = budget::parse_size)]
+    memory_budget: u64,
+    /// The same for one connection; at least 32M, the largest request.
+    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = budget::parse_size)]
+    max_inflight_per_connection: u64,
+    /// Seconds a reply may make no progress (a client that does not read
+    /// its replies) before the connection is dropped, freeing the memory it
+    /// holds. 0: no limit.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    send_timeout: u64,
     /// TLS policy for TCP clients: off, allow (STARTTLS optional) or
     /// require (plaintext clients get NBD_REP_ERR_TLS_REQD). Defaults to
     /// require when --tls-cert is given, else off. Unix-socket clients
@@ -117,7 +137,8 @@ struct Shared {
     /// Connections whose TLS session is in the kernel; on SIGTERM each gets
     /// a close_notify.
     ktls_fds: std::sync::Mutex<Vec<std::os::fd::RawFd>>,
-    workers: usize,
+    /// Workers, memory budgets and the send timeout of every connection.
+    transmission: transmission::Resources,
     limits: Arc<Limits>,
     handshake_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
@@ -132,6 +153,7 @@ impl Shared {
     fn new(cli: &Cli) -> Result<Self> {
         // Option errors first: they need no image opened (and locked).
         let tls = tls_policy(cli)?;
+        let transmission = resources(cli)?;
         let exports = Exports::open(&cli.exports)?;
         for e in exports.iter() {
             info!(
@@ -146,10 +168,11 @@ impl Shared {
             exports: std::sync::RwLock::new(Arc::new(exports)),
             tls,
             ktls_fds: std::sync::Mutex::new(Vec::new()),
-            workers: usize::from(cli.workers),
+            transmission,
             limits: Arc::new(Limits::new(
                 cli.max_connections,
                 cli.max_connections_per_client as usize,
+                cli.max_handshakes as usize,
             )),
             handshake_timeout: secs(cli.handshake_timeout),
             idle_timeout: secs(cli.idle_timeout),
@@ -171,6 +194,26 @@ impl Shared {
     fn lock_ktls(&self) -> std::sync::MutexGuard<'_, Vec<std::os::fd::RawFd>> {
         self.ktls_fds.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The memory budgets, checked against each other and the largest request.
+fn resources(cli: &Cli) -> Result<transmission::Resources> {
+    let (server, conn) = (cli.memory_budget, cli.max_inflight_per_connection);
+    let min = u64::from(export::MAX_PAYLOAD);
+    if conn < min {
+        anyhow::bail!(
+            "--max-inflight-per-connection {conn} is below {min} bytes (32M), the largest request"
+        );
+    }
+    if server < conn {
+        anyhow::bail!("--memory-budget {server} is below --max-inflight-per-connection {conn}");
+    }
+    Ok(transmission::Resources {
+        workers: usize::from(cli.workers),
+        memory: Arc::new(budget::Memory::new(server, transmission::POOL_KEEP)),
+        per_connection: conn,
+        send_timeout: secs(cli.send_timeout),
+    })
 }
 
 fn tls_policy(cli: &Cli) -> Result<TlsPolicy> {
@@ -212,7 +255,7 @@ fn serve_plain<S: Read + AsRawFd>(
 ) -> io::Result<transmission::ConnStats> {
     let fd = s.as_raw_fd();
     let mut s = IdleLimit::new(s, shared.idle_timeout);
-    transmission::serve(&mut s, fd, export, neg, shared.workers)
+    transmission::serve(&mut s, fd, export, neg, &shared.transmission)
 }
 
 /// Moves a TLS session into the kernel (or, failing that, behind a proxy
@@ -245,8 +288,14 @@ fn serve_tls(
                 enbd_tls::proxy::spawn(rustls::Connection::Server(*conn), sock)?;
             let fd = inner.as_raw_fd();
             let mut inner = IdleLimit::new(&mut inner, shared.idle_timeout);
-            let watch = watch.as_raw_fd();
-            transmission::serve_watching(&mut inner, fd, watch, export, neg, shared.workers)
+            transmission::serve_watching(
+                &mut inner,
+                fd,
+                watch.as_raw_fd(),
+                export,
+                neg,
+                &shared.transmission,
+            )
         }
     }
 }
@@ -257,6 +306,7 @@ fn negotiate(
     s: &mut Link,
     peer: &str,
     shared: &Shared,
+    slot: &limits::Slot,
 ) -> Option<(Arc<export::Export>, transmission::Negotiated)> {
     s.set_deadline(shared.handshake_timeout.map(|t| Instant::now() + t));
     match handshake::run(s, &shared.exports(), &shared.tls) {
@@ -270,6 +320,11 @@ fn negotiate(
             warn!(%peer, "handshake not done within {} s: disconnected", limit.as_secs());
             None
         }
+        // Counted in the accept thread's summary, not one line each.
+        Err(_) if slot.evicted() => {
+            debug!(%peer, "evicted during the handshake");
+            None
+        }
         Err(e) => {
             warn!(%peer, "handshake failed: {e}");
             None
@@ -277,10 +332,14 @@ fn negotiate(
     }
 }
 
-fn handle(mut s: Link, peer: &str, shared: &Shared) {
-    let Some((export, neg)) = negotiate(&mut s, peer, shared) else {
+fn handle(mut s: Link, peer: &str, shared: &Shared, slot: &mut limits::Slot) {
+    let Some((export, neg)) = negotiate(&mut s, peer, shared, slot) else {
         return;
     };
+    if let Err(e) = slot.established() {
+        warn!(%peer, "refused after the handshake: {e}");
+        return;
+    }
     info!(%peer, export = export.name(), tls = s.is_tls(), structured = neg.structured, "serving");
     let served = s.into_bare().and_then(|bare| match bare {
         Bare::Tcp(mut t) => serve_plain(&mut t, export, neg, shared),
@@ -355,8 +414,23 @@ struct Accepted {
 /// Serves a connection on its own thread, if the limits let it in.
 fn spawn(a: Accepted, shared: &Arc<Shared>) {
     let Accepted { link, peer, ip } = a;
-    let slot = match shared.limits.admit(ip) {
-        Ok(slot) => slot,
+    let sock = match link.try_clone_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(%peer, "refused: {e}");
+            return;
+        }
+    };
+    let mut slot = match shared.limits.admit(ip, sock) {
+        Ok((slot, evicted)) => {
+            if evicted {
+                debug!(%peer, "evicted the oldest connection in the handshake");
+            }
+            if let Some(n) = shared.limits.evictions_to_report(Instant::now()) {
+                warn!("{n} connection(s) evicted during the handshake by newer ones (--max-handshakes)");
+            }
+            slot
+        }
         Err(e) => {
             warn!(%peer, "refused: {e}");
             return;
@@ -365,8 +439,7 @@ fn spawn(a: Accepted, shared: &Arc<Shared>) {
     let name = format!("conn {peer}");
     let (shared, who) = (shared.clone(), peer.clone());
     let started = std::thread::Builder::new().name(name).spawn(move || {
-        let _slot = slot;
-        handle(link, &who, &shared);
+        handle(link, &who, &shared, &mut slot);
     });
     if let Err(e) = started {
         // The closure is dropped: the connection closes, the slot is freed.
@@ -479,6 +552,13 @@ fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         anyhow::bail!("--no-tcp needs --unix: there would be nothing to listen on");
     }
     let shared = Arc::new(Shared::new(&cli)?);
+    match limits::raise_fd_limit() {
+        Ok((before, after)) if after > before => {
+            info!("open file limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the open file limit: {e}"),
+    }
     shutdown_on_signal(shared.clone())?;
     config::reload_on_sighup(hup, reloader, shared.clone())?;
     let sockets = match passed {
@@ -644,6 +724,73 @@ mod tests {
             "0",
         ];
         assert!(Cli::try_parse_from(zero).is_err());
+    }
+
+    #[test]
+    fn memory_budgets_have_their_defaults_and_are_checked() {
+        let disk = TempFile::new(4096, 0);
+        let c = cli(&[], &disk);
+        assert_eq!(
+            (
+                c.memory_budget,
+                c.max_inflight_per_connection,
+                c.send_timeout
+            ),
+            (1 << 30, 64 << 20, 60)
+        );
+        assert_eq!(c.max_handshakes, 64);
+        let s = shared(&["--memory-budget", "512M", "--send-timeout", "0"], &disk);
+        assert_eq!(s.transmission.per_connection, 64 << 20);
+        assert_eq!(s.transmission.send_timeout, None);
+        // The image is locked while a Shared holds it.
+        drop(s);
+        let s = shared(&["--max-inflight-per-connection", "32M"], &disk);
+        assert_eq!(s.transmission.per_connection, 32 << 20);
+        drop(s);
+        let err = |args: &[&str]| match Shared::new(&cli(args, &disk)) {
+            Ok(_) => panic!("{args:?} accepted"),
+            Err(e) => e.to_string(),
+        };
+        // A request of the largest size must fit a connection's budget, and
+        // a connection's budget the server's.
+        assert!(err(&["--max-inflight-per-connection", "16M"]).contains("the largest request"));
+        assert!(err(&["--memory-budget", "32M"]).contains("below --max-inflight"));
+        let export = format!("disk={}", disk.path().display());
+        for bad in ["12Q", "-1", "", "1.5.5G"] {
+            let argv = ["enbd-server", "--export", &export, "--memory-budget", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} parsed");
+        }
+        let argv = ["enbd-server", "--export", &export, "--max-handshakes", "0"];
+        assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn idle_connections_do_not_keep_a_good_client_out() {
+        let disk = TempFile::new(4096, 0);
+        let args = [
+            "--max-handshakes",
+            "4",
+            "--max-connections",
+            "8",
+            "--max-connections-per-client",
+            "100",
+        ];
+        let (addr, s) = serve_tcp(shared(&args, &disk));
+        // More idle connections than every limit; the per-client limit is
+        // set out of the way, as for a flood from many addresses.
+        let idle: Vec<TcpStream> = (0..40).map(|_| connect(addr)).collect();
+        // Each new one evicts the oldest: the server has closed all but the
+        // last few, which it still waits on.
+        let start = Instant::now();
+        while s.limits.active() > 4 {
+            assert!(start.elapsed() < PATIENCE, "idle connections kept");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut c = connect(addr);
+        go(&mut c);
+        flush(&mut c, 1);
+        assert!(s.limits.handshaking() <= 4);
+        drop(idle);
     }
 
     #[test]

@@ -12,11 +12,23 @@
 //! shuts it down and may send the same WRITE again on another connection; if
 //! this server executed the stale copy later, after a newer write to the same
 //! blocks, the old data would come back. [`Conn`] enforces the rule.
+//!
+//! # Memory
+//!
+//! The reader takes each WRITE's payload buffer, and each READ's data
+//! buffer, from the budgets of [`crate::budget`] before it reads the payload
+//! or queues the READ, and waits when they are spent: it stops reading the
+//! socket rather than allocate. The buffer is given back when the reply has
+//! been sent or the request is dropped. A client that never reads its
+//! replies blocks the workers in `send`; the send timeout
+//! ([`Resources::send_timeout`]) then kills the connection, which frees
+//! what it held.
 
 use std::io::{self, Read};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use enbd_core::wire::{
     self, chunk, cmd_flags, errno, reply_flags, state, BlockStatus, ChunkHeader, Cmd, ErrorChunk,
@@ -25,6 +37,7 @@ use enbd_core::wire::{
 use tracing::{debug, error, warn};
 
 use crate::backend::{Run, Storage};
+use crate::budget::{Buffer, ConnMemory, Memory};
 use crate::export::{Export, MAX_PAYLOAD};
 
 /// The write side of a connection, shared by the workers.
@@ -212,14 +225,17 @@ fn read_runs(data: &[u8], holes: io::Result<Vec<Run>>, df: bool) -> Vec<Run> {
     out
 }
 
-/// Read buffer a worker keeps between requests; larger ones are freed.
+/// Scratch buffer a worker keeps between requests; larger ones are freed.
+/// A READ's data does not go there but into a buffer held against the
+/// memory budgets ([`Job::payload`]).
 const SCRATCH_KEEP: usize = 1 << 20;
 
 /// A request ready for a worker.
 struct Job {
     req: Request,
     cmd: Cmd,
-    payload: Vec<u8>,
+    /// A WRITE's payload, or the buffer a READ's data goes in.
+    payload: Buffer,
 }
 
 /// Whether a command changes the export's data: what fencing is about.
@@ -510,6 +526,77 @@ fn discard(s: &mut impl Read, mut len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Most bytes of the server budget that idle buffers keep for reuse.
+pub const POOL_KEEP: u64 = 64 << 20;
+
+/// What the connections of a server share, and the limits each gets.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// Worker threads per connection.
+    pub workers: usize,
+    /// The server's budget of request data in flight, and its pool.
+    pub memory: Arc<Memory>,
+    /// Each connection's budget, at least `MAX_PAYLOAD`.
+    pub per_connection: u64,
+    /// How long a reply may make no progress before the connection is
+    /// given up (`SO_SNDTIMEO`); `None`: no limit.
+    pub send_timeout: Option<Duration>,
+}
+
+impl Resources {
+    /// The command line's default budgets (1 GiB, and two of the largest
+    /// requests per connection), for `workers` threads per connection.
+    #[cfg(test)]
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers,
+            memory: Arc::new(Memory::new(1 << 30, POOL_KEEP)),
+            per_connection: 2 * u64::from(MAX_PAYLOAD),
+            send_timeout: None,
+        }
+    }
+}
+
+/// Whether the socket has failed (a reset): its unread requests are lost
+/// anyway. A mere hang-up does not count: requests before a DISC still run.
+fn socket_failed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & libc::POLLERR != 0
+}
+
+/// Arms `SO_SNDTIMEO` on the socket replies go out on: a `send` that makes
+/// no progress for `t` fails with `EAGAIN`, which kills the connection.
+/// Without a limit the socket is left as it is.
+fn set_send_timeout(fd: RawFd, t: Option<Duration>) -> io::Result<()> {
+    let Some(t) = t else {
+        return Ok(());
+    };
+    let tv = libc::timeval {
+        tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval of the size passed; `fd` is a socket.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            std::ptr::addr_of!(tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Per-connection counters, logged at close.
 #[derive(Debug, Default)]
 pub struct ConnStats {
@@ -534,6 +621,7 @@ fn read_requests(
     export: &Export,
     out: &Writer,
     conn: &Conn,
+    memory: &ConnMemory,
     tx: &crossbeam_channel::Sender<Job>,
     stats: &mut ConnStats,
 ) -> io::Result<End> {
@@ -562,9 +650,22 @@ fn read_requests(
         match checked {
             Ok(Cmd::Disc) => return Ok(End::Disc),
             Ok(cmd) => {
-                let mut payload = Vec::new();
+                // The memory the request needs, before its payload is read
+                // (or, for a READ, before a worker fills it). Waiting here
+                // stops reading the socket: backpressure.
+                let need = match cmd {
+                    Cmd::Write => payload_len,
+                    Cmd::Read => u64::from(req.length),
+                    _ => 0,
+                };
+                let mut give_up = || conn.is_dead() || socket_failed(conn.fd);
+                let Some(mut payload) = memory.buffer(need as usize, &mut give_up) else {
+                    // The connection died while the request waited for
+                    // memory (validation keeps `need` within the budgets).
+                    debug!(?req, "connection gone while waiting for memory");
+                    return Ok(End::Eof);
+                };
                 if cmd == Cmd::Write {
-                    payload = vec![0u8; payload_len as usize];
                     stream.read_exact(&mut payload)?;
                 }
                 if tx.send(Job { req, cmd, payload }).is_err() {
@@ -588,9 +689,9 @@ pub fn serve(
     fd: RawFd,
     export: Arc<Export>,
     neg: Negotiated,
-    workers: usize,
+    res: &Resources,
 ) -> io::Result<ConnStats> {
-    serve_watching(stream, fd, fd, export, neg, workers)
+    serve_watching(stream, fd, fd, export, neg, res)
 }
 
 /// [`serve`], with `peer_fd` the socket whose hang-up fencing watches when
@@ -602,8 +703,11 @@ pub fn serve_watching(
     peer_fd: RawFd,
     export: Arc<Export>,
     neg: Negotiated,
-    workers: usize,
+    res: &Resources,
 ) -> io::Result<ConnStats> {
+    let workers = res.workers;
+    set_send_timeout(fd, res.send_timeout)?;
+    let memory = res.memory.connection(res.per_connection);
     let out = Arc::new(Writer {
         fd,
         lock: Mutex::new(()),
@@ -621,10 +725,20 @@ pub fn serve_watching(
             // them, so the reader is never stuck on a full queue.
             for job in rx.iter() {
                 // Fencing: the liveness check right before the request starts.
-                let Some(job) = conn.admit(job) else {
+                let Some(mut job) = conn.admit(job) else {
                     continue;
                 };
-                let r = execute(job, &export, &out, &mut scratch);
+                // A READ's data goes into the buffer reserved for it, given
+                // back once its reply is sent.
+                let mut data = Buffer::default();
+                let buf = if job.cmd == Cmd::Read {
+                    data = std::mem::take(&mut job.payload);
+                    data.vec_mut()
+                } else {
+                    &mut scratch
+                };
+                let r = execute(job, &export, &out, buf);
+                drop(data);
                 if scratch.capacity() > SCRATCH_KEEP {
                     // A large read does not pin its buffer for good.
                     scratch = Vec::new();
@@ -654,7 +768,7 @@ pub fn serve_watching(
     }
     drop(rx);
     let mut stats = ConnStats::default();
-    let result = read_requests(stream, &export, &out, &conn, &tx, &mut stats);
+    let result = read_requests(stream, &export, &out, &conn, &memory, &tx, &mut stats);
     match result {
         Ok(End::Disc) => {
             for job in conn.closing() {
@@ -702,6 +816,7 @@ mod tests {
     use super::*;
     use crate::testutil::{
         pair, probed_export, read_reply, read_rest, send_request, wait_consumed, Counts, TempFile,
+        PATIENCE,
     };
 
     const SIZE: u64 = 1 << 20;
@@ -716,8 +831,12 @@ mod tests {
     }
 
     fn start_with(file: TempFile, read_only: bool, workers: usize) -> Session {
+        start_res(file, read_only, Resources::new(workers))
+    }
+
+    fn start_res(file: TempFile, read_only: bool, res: Resources) -> Session {
         let (export, counts) = probed_export("disk", &file, read_only);
-        serve_export(export, counts, file, Negotiated::default(), workers)
+        serve_export(export, counts, file, Negotiated::default(), res)
     }
 
     fn serve_export(
@@ -725,12 +844,12 @@ mod tests {
         counts: Arc<Counts>,
         file: TempFile,
         neg: Negotiated,
-        workers: usize,
+        res: Resources,
     ) -> Session {
         let (client, mut server_end) = pair();
         let server = std::thread::spawn(move || {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
-            serve(&mut server_end, fd, export, neg, workers)
+            serve(&mut server_end, fd, export, neg, &res)
         });
         Session {
             client,
@@ -1128,7 +1247,14 @@ mod tests {
         let server = std::thread::spawn(move || {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
             let watch = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-            serve_watching(&mut server_end, fd, watch, export, Negotiated::default(), 1)
+            serve_watching(
+                &mut server_end,
+                fd,
+                watch,
+                export,
+                Negotiated::default(),
+                &Resources::new(1),
+            )
         });
         counts.hold_next_flush();
         send_request(&mut client, req(Cmd::Flush, 0, 1, 0, 0), &[]);
@@ -1211,7 +1337,7 @@ mod tests {
 
     fn start_structured(file: TempFile, neg: Negotiated) -> Session {
         let (export, counts) = probed_export("disk", &file, false);
-        serve_export(export, counts, file, neg, 2)
+        serve_export(export, counts, file, neg, Resources::new(2))
     }
 
     /// One structured chunk: header and payload.
@@ -1389,7 +1515,7 @@ mod tests {
             }],
         );
         let counts = Arc::new(Counts::default());
-        let mut c = serve_export(export, counts, file, STRUCTURED, 1);
+        let mut c = serve_export(export, counts, file, STRUCTURED, Resources::new(1));
         let (pieces, data) = structured_read(&mut c, 1, 0, 0, 2 * MIB as u32).unwrap();
         assert_eq!(data, expected);
         assert_eq!(pieces, [(0, 2 * MIB, false)]);
@@ -1504,7 +1630,13 @@ mod tests {
             .collect();
         let file = TempFile::new(4 * MIB, 0);
         let export = Claims::export(&file, runs);
-        let mut c = serve_export(export, Arc::new(Counts::default()), file, WITH_CONTEXT, 1);
+        let mut c = serve_export(
+            export,
+            Arc::new(Counts::default()),
+            file,
+            WITH_CONTEXT,
+            Resources::new(1),
+        );
         let hole = state::HOLE | state::ZERO;
         assert_eq!(
             block_status(&mut c, 1, cmd_flags::REQ_ONE, 0, 4096),
@@ -1579,5 +1711,253 @@ mod tests {
         want[4096..12288].fill(0);
         assert_eq!(c.read(5, 0, 16384), want);
         c.disconnect();
+    }
+
+    // Memory: request data is held against budgets, and a spent budget
+    // stops the reader instead of allocating.
+
+    /// One worker, a connection budget of two 4 KiB requests, and a server
+    /// budget with no pool, so what is in use is what is in flight.
+    fn small_budget(send_timeout: Option<Duration>) -> Resources {
+        Resources {
+            workers: 1,
+            memory: Arc::new(Memory::new(16384, 0)),
+            per_connection: 8192,
+            send_timeout,
+        }
+    }
+
+    /// Whether the client's send queue still holds bytes after a while:
+    /// the server has stopped reading.
+    fn stays_unread(s: &UnixStream) -> bool {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::TIOCOUTQ,
+                &mut queued,
+            )
+        };
+        assert_eq!(r, 0);
+        queued > 0
+    }
+
+    #[test]
+    fn a_spent_budget_stops_the_reader_until_replies_go_out() {
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        // Two writes fill the connection's budget behind a slow FLUSH; the
+        // third one's payload is left unread in the socket.
+        flush_held_then_writes_of(&mut c, 3, 4096);
+        assert!(stays_unread(&c.client), "the third payload was read");
+        assert_eq!(memory.used(), 8192);
+        c.counts.release();
+        let mut cookies: Vec<u64> = (0..4).map(|_| read_reply(&mut c.client).cookie).collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, [1, 100, 101, 102]);
+        let (stats, counts, file) = c.disconnect();
+        assert_eq!((counts.writes(), stats.dropped), (3, 0));
+        assert_eq!(file.read(2 * 4096, 4096), vec![0x55; 4096]);
+        assert_eq!(memory.used(), 0, "memory of finished requests is held");
+    }
+
+    #[test]
+    fn reads_hold_the_budget_too() {
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        c.counts.hold_next_flush();
+        c.send(req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        c.counts.wait_held();
+        for i in 0..2 {
+            c.send(req(Cmd::Read, 0, 100 + i, 0, 4096), &[]);
+        }
+        wait_consumed(&c.client);
+        // A third READ's request is read, but waits for memory; a WRITE
+        // behind it is not read at all.
+        c.send(req(Cmd::Read, 0, 102, 0, 4096), &[]);
+        c.send(req(Cmd::Write, 0, 103, 0, 4096), &[0x55; 4096]);
+        assert!(stays_unread(&c.client));
+        assert_eq!(memory.used(), 8192);
+        c.counts.release();
+        for _ in 0..5 {
+            let rep = read_reply(&mut c.client);
+            assert_eq!(rep.error, 0);
+            if rep.cookie != 1 && rep.cookie != 103 {
+                let mut d = vec![0u8; 4096];
+                c.client.read_exact(&mut d).unwrap();
+            }
+        }
+        c.disconnect();
+        assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn a_connection_that_dies_while_waiting_for_memory_runs_nothing_more() {
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        flush_held_then_writes_of(&mut c, 3, 4096);
+        assert!(stays_unread(&c.client));
+        // The client goes: the FLUSH's reply fails, which kills the
+        // connection; the queued writes are dropped, and the one waiting
+        // for their memory is read (its payload is in the socket) and
+        // dropped too.
+        drop(c.client);
+        c.counts.release();
+        let stats = c.server.join().unwrap().unwrap();
+        assert_eq!(c.counts.writes(), 0, "a write of a dead connection ran");
+        assert_eq!(stats.dropped, 3);
+        assert_untouched(&c.file, 3);
+        assert_eq!(memory.used(), 0, "a dead connection's memory is held");
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped_after_the_send_timeout() {
+        let timeout = Duration::from_millis(300);
+        let mut res = small_budget(Some(timeout));
+        res.per_connection = 1 << 20;
+        res.memory = Arc::new(Memory::new(1 << 20, 0));
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        // 64 KiB READs until the replies fill the socket: the worker is
+        // stuck in send and the reader in the budget.
+        for i in 0..64 {
+            c.send(req(Cmd::Read, 0, i, 0, 65536), &[]);
+        }
+        let start = std::time::Instant::now();
+        while !c.server.is_finished() {
+            let took = start.elapsed();
+            assert!(took < timeout * 10, "still served after {took:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.server.join().unwrap();
+        assert_eq!(memory.used(), 0, "the dropped connection's memory is held");
+    }
+
+    #[test]
+    fn buffers_are_reused_across_requests() {
+        let res = Resources {
+            memory: Arc::new(Memory::new(1 << 30, 1 << 20)),
+            ..Resources::new(1)
+        };
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        // A buffer goes back right after its reply is sent.
+        let pooled = |n: u64| {
+            let start = std::time::Instant::now();
+            while memory.pooled() != n {
+                assert!(start.elapsed() < PATIENCE, "pooled {}", memory.pooled());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        assert_eq!(c.write(1, 0, 0, &[1; 65536]), 0);
+        pooled(65536);
+        // The READ takes the payload's buffer, and gives it back.
+        assert_eq!(c.read(2, 0, 4096), vec![1; 4096]);
+        pooled(65536);
+        assert_eq!(c.write(3, 0, 4096, &[3; 4096]), 0);
+        pooled(65536);
+        assert_eq!(c.read(4, 0, 8192), [[1; 4096], [3; 4096]].concat());
+        pooled(65536);
+        assert_eq!(memory.used(), 65536, "more than one buffer was used");
+        c.disconnect();
+        // The last connection is gone: nothing is kept.
+        assert_eq!((memory.pooled(), memory.used()), (0, 0));
+    }
+
+    #[test]
+    fn a_reset_connection_stops_waiting_for_the_server_budget() {
+        // Connection A holds the whole server budget with two writes queued
+        // behind a slow FLUSH; connection B's write waits for it. B's client
+        // then resets its connection: B gives up at once instead of waiting
+        // for A, and its write never runs.
+        let file = TempFile::new(SIZE, FILL);
+        let (export, counts) = probed_export("disk", &file, false);
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut res_a = res.clone();
+        res_a.per_connection = 16384;
+        let (mut a, mut a_end) = pair();
+        let (ea, eb) = (export.clone(), export);
+        let server_a = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&a_end);
+            serve(&mut a_end, fd, ea, Negotiated::default(), &res_a)
+        });
+        counts.hold_next_flush();
+        send_request(&mut a, req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        counts.wait_held();
+        for i in 0..4 {
+            send_request(
+                &mut a,
+                req(Cmd::Write, 0, 100 + i, i * 4096, 4096),
+                &[0x55; 4096],
+            );
+        }
+        wait_consumed(&a);
+        assert_eq!(memory.used(), 16384);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut b = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let mut b_end = l.accept().unwrap().0;
+        let server_b = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&b_end);
+            serve(&mut b_end, fd, eb, Negotiated::default(), &res)
+        });
+        send_request(
+            &mut b,
+            req(Cmd::Write, 0, 200, 5 * 4096, 4096),
+            &[0x66; 4096],
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: `linger` is a valid struct of the size passed; the fd is
+        // `b`'s open socket. A zero linger makes the close a reset.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&b),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::addr_of!(linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        drop(b);
+        let start = std::time::Instant::now();
+        while !server_b.is_finished() {
+            assert!(start.elapsed() < PATIENCE / 4, "B still waits for memory");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = server_b.join().unwrap();
+        assert_eq!(counts.writes(), 0);
+        assert_eq!(memory.used(), 16384, "A's memory was touched");
+        counts.release();
+        for _ in 0..5 {
+            assert_eq!(read_reply(&mut a).error, 0);
+        }
+        drop(a);
+        let _ = server_a.join().unwrap();
+        assert_eq!(counts.writes(), 4, "B's write ran");
+        assert_eq!(file.read(5 * 4096, 4096), vec![FILL; 4096]);
+        assert_eq!(memory.used(), 0);
+    }
+
+    /// Like [`flush_held_then_writes`], with `len`-byte writes.
+    fn flush_held_then_writes_of(c: &mut Session, n: u64, len: usize) {
+        c.counts.hold_next_flush();
+        c.send(req(Cmd::Flush, 0, 1, 0, 0), &[]);
+        c.counts.wait_held();
+        for i in 0..n {
+            c.send(
+                req(Cmd::Write, 0, 100 + i, i * 4096, len as u32),
+                &vec![0x55; len],
+            );
+        }
     }
 }
