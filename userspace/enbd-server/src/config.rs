@@ -40,6 +40,11 @@ pub struct Options {
     max_connections_per_client: Option<u32>,
     handshake_timeout: Option<u64>,
     idle_timeout: Option<u64>,
+    max_handshakes: Option<u32>,
+    /// Sizes as on the command line: "1G", "64M".
+    memory_budget: Option<String>,
+    max_inflight_per_connection: Option<String>,
+    send_timeout: Option<u64>,
     tls: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -175,6 +180,21 @@ impl Options {
         if self.max_connections_per_client == Some(0) {
             bail!("max-connections-per-client must be at least 1");
         }
+        if self.max_handshakes == Some(0) {
+            bail!("max-handshakes must be at least 1");
+        }
+        for (key, v) in [
+            ("memory-budget", &self.memory_budget),
+            (
+                "max-inflight-per-connection",
+                &self.max_inflight_per_connection,
+            ),
+        ] {
+            if let Some(v) = v {
+                crate::budget::parse_size(v)
+                    .map_err(|e| anyhow::anyhow!("{key} = \"{v}\": {e}"))?;
+            }
+        }
         if let Some(t) = &self.tls {
             TlsMode::from_str(t, false)
                 .map_err(|_| anyhow::anyhow!("tls = \"{t}\": use off, allow or require"))?;
@@ -207,6 +227,13 @@ impl Options {
         take!(max_connections_per_client);
         take!(handshake_timeout);
         take!(idle_timeout);
+        take!(max_handshakes);
+        take!(send_timeout);
+        // Sizes are checked in `check`; the budgets' own rules (at least
+        // 32M, one within the other) are checked on the combined options.
+        let size = |v: String| crate::budget::parse_size(&v).unwrap_or_default();
+        take!(memory_budget, size);
+        take!(max_inflight_per_connection, size);
         // Checked in `check`.
         take!(tls, |t: String| TlsMode::from_str(&t, false).ok());
         // The key and certificate come as a pair, from one place.
@@ -571,6 +598,25 @@ shared = true
         assert!(err("tls-cert = \"/c\"").contains("go together"));
         assert!(err("handshake-timeout = -1").contains("line 1"));
         assert!(err("workers = ").contains("line 1"));
+    }
+
+    #[test]
+    fn memory_and_handshake_limits_come_from_the_file_too() {
+        let d = Dir::new();
+        d.image("b.img");
+        let p = d.config(
+            "memory-budget = \"2G\"\nmax-inflight-per-connection = \"128M\"\n\
+             max-handshakes = 8\nsend-timeout = 5\n\
+             [[export]]\nname = \"b\"\npath = \"b.img\"\n",
+        );
+        let conf = p.to_str().unwrap();
+        let (cli, _) = combined(&["--config", conf, "--send-timeout", "7"]).unwrap();
+        assert_eq!(cli.memory_budget, 2 << 30);
+        assert_eq!(cli.max_inflight_per_connection, 128 << 20);
+        assert_eq!((cli.max_handshakes, cli.send_timeout), (8, 7));
+        assert!(err("memory-budget = \"lots\"").contains("memory-budget = \"lots\""));
+        assert!(err("max-handshakes = 0").contains("at least 1"));
+        assert!(err("send-timeout = \"5\"").contains("invalid type"));
     }
 
     #[test]

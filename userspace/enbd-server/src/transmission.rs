@@ -225,11 +225,6 @@ fn read_runs(data: &[u8], holes: io::Result<Vec<Run>>, df: bool) -> Vec<Run> {
     out
 }
 
-/// Scratch buffer a worker keeps between requests; larger ones are freed.
-/// A READ's data does not go there but into a buffer held against the
-/// memory budgets ([`Job::payload`]).
-const SCRATCH_KEEP: usize = 1 << 20;
-
 /// A request ready for a worker.
 struct Job {
     req: Request,
@@ -306,6 +301,10 @@ impl Conn {
 
     fn lock(&self) -> MutexGuard<'_, Vec<Job>> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn has_parked(&self) -> bool {
+        !self.lock().is_empty()
     }
 
     fn is_dead(&self) -> bool {
@@ -405,8 +404,9 @@ fn os_errno(e: &io::Error) -> u32 {
 }
 
 /// Executes a job and sends its reply; an error means the connection is
-/// broken. `scratch` is the worker's read buffer, kept between requests.
-fn execute(job: Job, export: &Export, out: &Writer, scratch: &mut Vec<u8>) -> io::Result<()> {
+/// broken. A READ's data is read into `read_buf`, the request's budgeted
+/// buffer.
+fn execute(job: Job, export: &Export, out: &Writer, read_buf: &mut Vec<u8>) -> io::Result<()> {
     let b = export.backend();
     let Request {
         cookie,
@@ -427,15 +427,15 @@ fn execute(job: Job, export: &Export, out: &Writer, scratch: &mut Vec<u8>) -> io
             } else {
                 Ok(Vec::new())
             };
-            scratch.resize(length as usize, 0);
-            match b.read_at(scratch, offset) {
+            read_buf.resize(length as usize, 0);
+            match b.read_at(read_buf, offset) {
                 Ok(()) => {
                     let runs = if out.neg.structured {
-                        read_runs(scratch, holes, flags & cmd_flags::DF != 0)
+                        read_runs(read_buf, holes, flags & cmd_flags::DF != 0)
                     } else {
                         Vec::new()
                     };
-                    return out.reply_data(cookie, offset, scratch, &runs);
+                    return out.reply_data(cookie, offset, read_buf, &runs);
                 }
                 Err(e) => Err(e),
             }
@@ -658,7 +658,14 @@ fn read_requests(
                     Cmd::Read => u64::from(req.length),
                     _ => 0,
                 };
-                let mut give_up = || conn.is_dead() || socket_failed(conn.fd);
+                // Also when the peer has hung up and requests are parked:
+                // their memory comes back only once the stream ends, which
+                // this wait would never reach.
+                let mut give_up = || {
+                    conn.is_dead()
+                        || socket_failed(conn.fd)
+                        || (conn.has_parked() && peer_hung_up(conn.fd))
+                };
                 let Some(mut payload) = memory.buffer(need as usize, &mut give_up) else {
                     // The connection died while the request waited for
                     // memory (validation keeps `need` within the budgets).
@@ -720,7 +727,6 @@ pub fn serve_watching(
         let (rx, out, conn, export) = (rx.clone(), out.clone(), conn.clone(), export.clone());
         let worker = std::thread::Builder::new().name("enbd-worker".into());
         let started = worker.spawn(move || {
-            let mut scratch = Vec::new();
             // A worker keeps taking jobs after the connection died, dropping
             // them, so the reader is never stuck on a full queue.
             for job in rx.iter() {
@@ -729,20 +735,13 @@ pub fn serve_watching(
                     continue;
                 };
                 // A READ's data goes into the buffer reserved for it, given
-                // back once its reply is sent.
+                // back once its reply is sent; other commands need none.
                 let mut data = Buffer::default();
-                let buf = if job.cmd == Cmd::Read {
+                if job.cmd == Cmd::Read {
                     data = std::mem::take(&mut job.payload);
-                    data.vec_mut()
-                } else {
-                    &mut scratch
-                };
-                let r = execute(job, &export, &out, buf);
-                drop(data);
-                if scratch.capacity() > SCRATCH_KEEP {
-                    // A large read does not pin its buffer for good.
-                    scratch = Vec::new();
                 }
+                let r = execute(job, &export, &out, data.vec_mut());
+                drop(data);
                 if let Err(e) = r {
                     debug!("reply failed: {e}");
                     conn.kill();
@@ -1811,6 +1810,34 @@ mod tests {
         let stats = c.server.join().unwrap().unwrap();
         assert_eq!(c.counts.writes(), 0, "a write of a dead connection ran");
         assert_eq!(stats.dropped, 3);
+        assert_untouched(&c.file, 3);
+        assert_eq!(memory.used(), 0, "a dead connection's memory is held");
+    }
+
+    #[test]
+    fn a_half_closed_client_does_not_leave_the_reader_waiting_for_parked_memory() {
+        // As above, but the client only shuts down its write side: the
+        // FLUSH's reply goes out, the queued writes are parked (the peer
+        // hung up) holding their memory, and the reader waits for memory
+        // only they could give back. It must stop waiting and drop them.
+        let res = small_budget(None);
+        let memory = res.memory.clone();
+        let mut c = start_res(TempFile::new(SIZE, FILL), false, res);
+        flush_held_then_writes_of(&mut c, 3, 4096);
+        assert!(stays_unread(&c.client));
+        c.client.shutdown(std::net::Shutdown::Write).unwrap();
+        c.counts.release();
+        let rep = read_reply(&mut c.client);
+        assert_eq!((rep.error, rep.cookie), (0, 1));
+        let start = std::time::Instant::now();
+        while !c.server.is_finished() {
+            assert!(start.elapsed() < PATIENCE, "the reader waits for ever");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stats = c.server.join().unwrap().unwrap();
+        assert_eq!(c.counts.writes(), 0, "a write of a dead connection ran");
+        // Two parked; the third never got its memory, so it was not read.
+        assert_eq!(stats.dropped, 2);
         assert_untouched(&c.file, 3);
         assert_eq!(memory.used(), 0, "a dead connection's memory is held");
     }
