@@ -8,10 +8,16 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Backend, Storage};
+use crate::backend::{Backend, Run, Storage};
 
 /// Stripe size when `stripe=` is not given.
 pub const DEFAULT_STRIPE: u64 = 64 << 10;
+
+/// Most pieces one `extents` call looks at: with a small stripe a long
+/// range has very many (a 4 GiB BLOCK_STATUS over 64 KiB stripes, 65536),
+/// each one or two `lseek`s. Past them the answer is a shorter prefix,
+/// which BLOCK_STATUS allows and READ treats as data.
+pub const MAX_EXTENT_PIECES: usize = 4096;
 
 /// Alignment kept on every component: a request aligned on the export stays
 /// aligned on the components (block devices with 4 KiB sectors, and
@@ -519,6 +525,69 @@ impl Storage for Raid {
         for s in self.layout.spans(off, len)? {
             self.component(s.component)?
                 .write_zeroes(s.offset, s.len, may_trim)?;
+        }
+        Ok(())
+    }
+
+    /// Each piece's runs from its component, in export order, merged where
+    /// neighbours agree. Stops early (a prefix of the range, as the
+    /// contract allows) at `max` runs, after [`MAX_EXTENT_PIECES`] pieces,
+    /// or where a component answered only the start of its piece.
+    fn extents(&self, off: u64, len: u64, max: usize) -> io::Result<Vec<Run>> {
+        let max = max.max(1);
+        let mut runs: Vec<Run> = Vec::new();
+        'pieces: for p in self.layout.pieces(off, len)?.take(MAX_EXTENT_PIECES) {
+            // One more than is left: the first may merge with the last.
+            let room = (max - runs.len()).saturating_add(1);
+            let mut left = p.len;
+            for r in self
+                .component(p.component)?
+                .extents(p.offset, p.len, room)?
+            {
+                // Never past the piece, whatever the component says.
+                let n = r.len.min(left);
+                if n == 0 {
+                    continue;
+                }
+                let full = runs.len() == max;
+                match runs.last_mut() {
+                    Some(last) if last.hole == r.hole => last.len += n,
+                    _ if full => break 'pieces,
+                    _ => runs.push(Run {
+                        len: n,
+                        hole: r.hole,
+                    }),
+                }
+                left -= n;
+            }
+            if left > 0 {
+                // The component stopped short: what follows is unknown.
+                break;
+            }
+        }
+        if runs.is_empty() && len > 0 {
+            runs.push(Run { len, hole: false });
+        }
+        Ok(runs)
+    }
+
+    /// Readahead on each component's span of the range.
+    fn cache(&self, off: u64, len: u64) -> io::Result<()> {
+        for s in self.layout.spans(off, len)? {
+            self.component(s.component)?.cache(s.offset, s.len)?;
+        }
+        Ok(())
+    }
+
+    /// Each component's span zeroed fast, in component order. Whether a
+    /// component can is only known by trying, so a refusal after another
+    /// component succeeded leaves zeroes there: still right, since zeroes
+    /// are what the client asked for, and it writes the rest the slow way
+    /// after the `EOPNOTSUPP`.
+    fn write_zeroes_fast(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+        for s in self.layout.spans(off, len)? {
+            self.component(s.component)?
+                .write_zeroes_fast(s.offset, s.len, may_trim)?;
         }
         Ok(())
     }
@@ -1091,5 +1160,363 @@ mod tests {
             3,
             "every component was flushed, past the failures"
         );
+    }
+
+    /// A file of `len` bytes, all hole but for the 4 KiB blocks in `data`
+    /// (the last one clipped to the end), which hold `0x5d`.
+    fn sparse(len: u64, data: &[u64]) -> TempFile {
+        use std::os::unix::fs::FileExt;
+        let f = TempFile::new(0, 0);
+        f.truncate(len);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        for &b in data {
+            let n = (4 * K).min(len - b * 4 * K) as usize;
+            file.write_all_at(&vec![0x5d; n], b * 4 * K).unwrap();
+        }
+        f
+    }
+
+    fn open_shared(mode: Mode, files: &[TempFile]) -> Raid {
+        let paths: Vec<PathBuf> = files.iter().map(|f| f.path().to_owned()).collect();
+        Raid::open("test", mode, &paths, false, true).unwrap()
+    }
+
+    /// Hole or not, byte by byte, of what `runs` cover.
+    fn bytes_of(runs: &[Run]) -> Vec<bool> {
+        runs.iter()
+            .flat_map(|r| std::iter::repeat_n(r.hole, r.len as usize))
+            .collect()
+    }
+
+    /// Checks `extents(off, len, max)` of `s` against `holes`, the hole
+    /// status of every export byte: a prefix of the range (all of it
+    /// unless `max` runs were reached), runs non-empty and merged.
+    fn check_extents(s: &Raid, holes: &[bool], off: u64, len: u64, max: usize) {
+        let runs = s.extents(off, len, max).unwrap();
+        assert!(runs.len() <= max.max(1), "{} runs, max {max}", runs.len());
+        assert!(runs.iter().all(|r| r.len > 0), "empty run: {runs:?}");
+        assert!(
+            runs.windows(2).all(|w| w[0].hole != w[1].hole),
+            "unmerged: {runs:?}"
+        );
+        let got = bytes_of(&runs);
+        assert!(got.len() as u64 <= len, "past the request: {runs:?}");
+        if (got.len() as u64) < len {
+            assert_eq!(runs.len(), max.max(1), "stopped short: {runs:?}");
+        }
+        let want = &holes[off as usize..off as usize + got.len()];
+        assert!(got == want, "extents of {off}+{len} (max {max}): {runs:?}");
+    }
+
+    #[test]
+    fn extents_by_hand() {
+        // Two components, 4 KiB stripes: stripe k on component k % 2.
+        // Component 0 has data in its blocks 1 and 2 (export stripes 2
+        // and 4), component 1 in block 2 (stripe 5).
+        let f = [sparse(32 * K, &[1, 2]), sparse(32 * K, &[2])];
+        let s = open_shared(Mode::Raid0 { stripe: 4 * K }, &f);
+        let run = |k: u64, hole| Run { len: k * K, hole };
+        assert_eq!(
+            s.extents(0, 64 * K, 100).unwrap(),
+            [
+                run(8, true),
+                run(4, false),
+                run(4, true),
+                run(8, false),
+                run(40, true)
+            ]
+        );
+        // The bound: a prefix, merged across the pieces it spans; 0 is 1,
+        // and no bound is no overflow.
+        assert_eq!(s.extents(0, 64 * K, 1).unwrap(), [run(8, true)]);
+        assert_eq!(s.extents(0, 64 * K, 0).unwrap(), [run(8, true)]);
+        assert_eq!(s.extents(0, 64 * K, usize::MAX).unwrap().len(), 5);
+        assert_eq!(
+            s.extents(0, 64 * K, 2).unwrap(),
+            [run(8, true), run(4, false)]
+        );
+        assert_eq!(
+            s.extents(17 * K, 10 * K, 2).unwrap(),
+            [
+                Run {
+                    len: 7 * K,
+                    hole: false
+                },
+                run(3, true)
+            ]
+        );
+        // At the end of the export, and inside one stripe.
+        assert_eq!(s.extents(60 * K, 4 * K, 8).unwrap(), [run(4, true)]);
+        assert_eq!(s.extents(21 * K, 2 * K, 8).unwrap(), [run(2, false)]);
+        assert!(s.extents(64 * K, 1, 8).is_err(), "past the end");
+        // Linear: the same files end to end.
+        let l = open_shared(Mode::Linear, &f);
+        assert_eq!(
+            l.extents(0, 64 * K, 100).unwrap(),
+            [
+                run(4, true),
+                run(8, false),
+                run(28, true),
+                run(4, false),
+                run(20, true)
+            ]
+        );
+        assert_eq!(
+            l.extents(28 * K, 16 * K, 100).unwrap(),
+            [run(12, true), run(4, false)],
+            "a hole across the boundary is one run"
+        );
+        // A component that used up the bound answers only the start of
+        // its piece: the next piece must not be merged across the gap
+        // (component 1's hole at 8 KiB).
+        let f = [
+            sparse(4 * K, &[]),
+            sparse(16 * K, &[1, 3]),
+            sparse(16 * K, &[0]),
+        ];
+        let l = open_shared(Mode::Linear, &f);
+        assert_eq!(
+            l.extents(0, 36 * K, 2).unwrap(),
+            [run(8, true), run(4, false)]
+        );
+    }
+
+    #[test]
+    fn extents_bound_the_pieces_looked_at() {
+        // 64 MiB, all hole, over 4 KiB stripes: 16384 pieces.
+        let f = [TempFile::new(32 << 20, 0), TempFile::new(32 << 20, 0)];
+        let s = open_shared(Mode::Raid0 { stripe: 4 * K }, &f);
+        let runs = s.extents(0, 64 << 20, 1024).unwrap();
+        assert_eq!(
+            runs,
+            [Run {
+                len: MAX_EXTENT_PIECES as u64 * 4 * K,
+                hole: true
+            }]
+        );
+        // The linear export of the same files has two pieces.
+        let l = open_shared(Mode::Linear, &f);
+        assert_eq!(
+            l.extents(0, 64 << 20, 1024).unwrap(),
+            [Run {
+                len: 64 << 20,
+                hole: true
+            }]
+        );
+    }
+
+    /// A layout's components as sparse files with data in the blocks the
+    /// seed picks, and the hole status of every export byte.
+    fn sparse_export(layout: &Layout, seed: u64) -> (Raid, Vec<TempFile>, Vec<bool>) {
+        let map = reference_map(layout);
+        let (mode, sizes) = match layout {
+            Layout::Striped {
+                stripe,
+                count,
+                per_component,
+            } => (
+                Mode::Raid0 { stripe: *stripe },
+                vec![*per_component; *count],
+            ),
+            Layout::Linear { ends } => {
+                let mut start = 0;
+                let sizes = ends
+                    .iter()
+                    .map(|&e| {
+                        let s = e - start;
+                        start = e;
+                        s
+                    })
+                    .collect();
+                (Mode::Linear, sizes)
+            }
+        };
+        let bits = noise(sizes.len() * 64, seed);
+        let data: Vec<Vec<u64>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(c, &size)| {
+                (0..size.div_ceil(4 * K))
+                    .filter(|&b| bits[c * 64 + b as usize % 64].is_multiple_of(3))
+                    .collect()
+            })
+            .collect();
+        let files: Vec<TempFile> = sizes
+            .iter()
+            .zip(&data)
+            .map(|(&size, d)| sparse(size, d))
+            .collect();
+        let holes = map
+            .iter()
+            .map(|&(c, o)| !data[c].contains(&(o / (4 * K))))
+            .collect();
+        (open_shared(mode, &files), files, holes)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(100))]
+
+        #[test]
+        fn extents_match_the_component_layout(
+            layout in any_layout(),
+            seed in any::<u64>(),
+            a in any::<prop::sample::Index>(),
+            b in any::<prop::sample::Index>(),
+            max in prop_oneof![1usize..4, Just(1024usize)],
+        ) {
+            let (s, _files, holes) = sparse_export(&layout, seed);
+            prop_assert_eq!(s.size(), holes.len() as u64);
+            let (x, y) = (a.index(holes.len() + 1), b.index(holes.len() + 1));
+            let (off, end) = (x.min(y) as u64, x.max(y) as u64);
+            check_extents(&s, &holes, off, end - off, max);
+            check_extents(&s, &holes, 0, s.size(), 1024);
+        }
+    }
+
+    /// A component that records its readahead hints and can refuse fast
+    /// zeroing.
+    #[derive(Debug)]
+    struct Hinted {
+        inner: Backend,
+        index: usize,
+        refuse_fast: bool,
+        caches: Arc<std::sync::Mutex<Vec<(usize, u64, u64)>>>,
+    }
+
+    impl Storage for Hinted {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn path(&self) -> &Path {
+            self.inner.path()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            self.inner.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> io::Result<()> {
+            self.inner.write_at(buf, off, fua)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.inner.flush()
+        }
+        fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+            self.inner.trim(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+            self.inner.write_zeroes(off, len, may_trim)
+        }
+        fn extents(&self, off: u64, len: u64, max: usize) -> io::Result<Vec<Run>> {
+            self.inner.extents(off, len, max)
+        }
+        fn cache(&self, off: u64, len: u64) -> io::Result<()> {
+            self.caches.lock().unwrap().push((self.index, off, len));
+            self.inner.cache(off, len)
+        }
+        fn write_zeroes_fast(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
+            if self.refuse_fast {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            self.inner.write_zeroes_fast(off, len, may_trim)
+        }
+    }
+
+    type Caches = Arc<std::sync::Mutex<Vec<(usize, u64, u64)>>>;
+
+    fn hinted(files: &[TempFile], refuse_fast: &[bool]) -> (Vec<Box<dyn Storage>>, Caches) {
+        let caches = Caches::default();
+        let v = files
+            .iter()
+            .zip(refuse_fast)
+            .enumerate()
+            .map(|(index, (f, &refuse_fast))| {
+                Box::new(Hinted {
+                    inner: Backend::open(f.path(), false, true).unwrap(),
+                    index,
+                    refuse_fast,
+                    caches: caches.clone(),
+                }) as Box<dyn Storage>
+            })
+            .collect();
+        (v, caches)
+    }
+
+    #[test]
+    fn cache_reaches_each_component_span() {
+        let f = files(&[12 * K, 16 * K, 20 * K]);
+        let (c, caches) = hinted(&f, &[false; 3]);
+        let s = Raid::new("t", Mode::Raid0 { stripe: 4 * K }, c).unwrap();
+        s.cache(6 * K, 20 * K).unwrap();
+        assert_eq!(
+            *caches.lock().unwrap(),
+            [(0, 4 * K, 6 * K), (1, 2 * K, 6 * K), (2, 0, 8 * K)]
+        );
+        let f = files(&[8 * K, 8 * K]);
+        let (c, caches) = hinted(&f, &[false; 2]);
+        let l = Raid::new("t", Mode::Linear, c).unwrap();
+        l.cache(4 * K, 8 * K).unwrap();
+        assert_eq!(*caches.lock().unwrap(), [(0, 4 * K, 4 * K), (1, 0, 4 * K)]);
+        assert!(l.cache(12 * K, 8 * K).is_err(), "past the end");
+    }
+
+    #[test]
+    fn fast_zero_on_each_component_or_refused() {
+        let errno = |r: io::Result<()>| r.unwrap_err().raw_os_error();
+        // Punched on both: the data goes, as holes.
+        let f = files(&[16 * K, 16 * K]);
+        let (c, _) = hinted(&f, &[false, false]);
+        let s = Raid::new("t", Mode::Raid0 { stripe: 4 * K }, c).unwrap();
+        s.write_zeroes_fast(4 * K, 16 * K, true).unwrap();
+        let mut buf = vec![1u8; 32 * 1024];
+        s.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096] == [0xa0; 4096] && buf[20 * 1024..24 * 1024] == [0xa1; 4096]);
+        assert!(buf[4096..20 * 1024].iter().all(|&b| b == 0), "zeroed");
+        assert_eq!(
+            s.extents(0, 32 * K, 100).unwrap(),
+            [
+                Run {
+                    len: 4 * K,
+                    hole: false
+                },
+                Run {
+                    len: 16 * K,
+                    hole: true
+                },
+                Run {
+                    len: 12 * K,
+                    hole: false
+                },
+            ]
+        );
+        // The first component refuses: nothing is written anywhere.
+        let f = files(&[16 * K, 16 * K]);
+        let (c, _) = hinted(&f, &[true, false]);
+        let s = Raid::new("t", Mode::Linear, c).unwrap();
+        assert_eq!(
+            errno(s.write_zeroes_fast(8 * K, 16 * K, true)),
+            Some(libc::EOPNOTSUPP)
+        );
+        assert_eq!(f[0].read(0, 16 * 1024), vec![0xa0; 16 * 1024]);
+        assert_eq!(f[1].read(0, 16 * 1024), vec![0xa1; 16 * 1024]);
+        // The second refuses: the first's span holds the zeroes asked for.
+        let (c, _) = hinted(&f, &[false, true]);
+        let s = Raid::new("t", Mode::Linear, c).unwrap();
+        assert_eq!(
+            errno(s.write_zeroes_fast(8 * K, 16 * K, false)),
+            Some(libc::EOPNOTSUPP)
+        );
+        assert_eq!(f[0].read(8 * K, 8 * 1024), vec![0; 8 * 1024]);
+        assert_eq!(f[1].read(0, 16 * 1024), vec![0xa1; 16 * 1024]);
+        // Within the second only: refused, nothing changed.
+        assert_eq!(
+            errno(s.write_zeroes_fast(16 * K, 4 * K, true)),
+            Some(libc::EOPNOTSUPP)
+        );
+        assert_eq!(f[1].read(0, 4 * 1024), vec![0xa1; 4 * 1024]);
     }
 }
