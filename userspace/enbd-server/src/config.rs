@@ -17,7 +17,7 @@ use serde::Deserialize;
 use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
 
-use crate::export::{parse_stripe, ExportSpec, Exports, Source};
+use crate::export::{checksum_options, parse_stripe, ExportSpec, Exports, Source};
 use crate::handshake::TlsMode;
 use crate::raid::{Mode, DEFAULT_STRIPE};
 use crate::{Cli, Shared};
@@ -72,6 +72,20 @@ struct ExportEntry {
     shared: bool,
     #[serde(default)]
     description: String,
+    /// Checksums: `true` for the image's `IMAGE.crc`, or the sidecar's path.
+    #[serde(default)]
+    crc: Option<CrcSetting>,
+    /// Seconds between scrubs of an export with checksums; 0: none.
+    #[serde(default)]
+    scrub: Option<u64>,
+}
+
+/// `crc = true` or `crc = "FILE"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+enum CrcSetting {
+    On(bool),
+    File(PathBuf),
 }
 
 impl ExportEntry {
@@ -116,12 +130,21 @@ impl ExportEntry {
         if self.name.len() > 4096 {
             return Err("export name longer than 4096 bytes".into());
         }
+        let crc = match &self.crc {
+            None | Some(CrcSetting::On(false)) => None,
+            Some(CrcSetting::On(true)) => Some(None),
+            Some(CrcSetting::File(f)) => Some(Some(join(f)?)),
+        };
+        let (crc, scrub) = checksum_options(&source, self.ro, crc, self.scrub)
+            .map_err(|e| format!("export '{name}': {e}"))?;
         Ok(ExportSpec {
             source,
             name: self.name,
             read_only: self.ro,
             shared: self.shared,
             description: self.description,
+            crc,
+            scrub,
         })
     }
 }
@@ -503,6 +526,44 @@ shared = true
             (empty.options, empty.exports.len()),
             (Options::default(), 0)
         );
+    }
+
+    #[test]
+    fn checksums_are_read_like_their_export_option() {
+        let c = parse(
+            r#"
+            [[export]]
+            name = "a"
+            path = "a.img"
+            ro = true
+            crc = true
+            [[export]]
+            name = "b"
+            path = "b.img"
+            ro = true
+            crc = "sums/b.crc"
+            scrub = 0
+            [[export]]
+            name = "c"
+            path = "c.img"
+            crc = false
+            "#,
+        )
+        .unwrap();
+        let a = "a=/etc/enbd/a.img,ro,crc".parse().unwrap();
+        let b = "b=/etc/enbd/b.img,ro,crc=/etc/enbd/sums/b.crc,scrub=0"
+            .parse()
+            .unwrap();
+        let c2 = "c=/etc/enbd/c.img".parse().unwrap();
+        assert_eq!(c.exports, [a, b, c2]);
+        let e = err("[[export]]\nname = \"a\"\npath = \"a.img\"\ncrc = true");
+        assert!(
+            e.contains("export 'a': checksums (crc) need a read-only export"),
+            "{e}"
+        );
+        let e = err("[[export]]\nname = \"a\"\npath = \"a.img\"\nro = true\nscrub = 9");
+        assert!(e.contains("scrub= applies"), "{e}");
+        assert!(err("[[export]]\nname = \"a\"\npath = \"a.img\"\ncrc = 3").contains("crc"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use enbd_core::wire::tx;
 
 use crate::backend::{Backend, Storage};
 use crate::raid::{Mode, Raid, ALIGN, DEFAULT_STRIPE};
+use crate::verified::{Verified, SCRUB_RATE};
 
 /// Largest request payload served (and announced in `INFO_BLOCK_SIZE`).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -45,10 +46,18 @@ pub struct ExportSpec {
     /// Serve the image even while another process holds a lock on it.
     pub shared: bool,
     pub description: String,
+    /// Serve with the block checksums in this sidecar file (`crc`).
+    pub crc: Option<PathBuf>,
+    /// Seconds between scrubs of a `crc` export; 0: none.
+    pub scrub: u64,
 }
 
+/// Seconds between two scrubs of an export with checksums, unless `scrub=`.
+pub const DEFAULT_SCRUB: u64 = 24 * 3600;
+
 const SYNTAX: &str = "expected NAME=PATH, NAME=raid0:PATH,PATH...[,stripe=SIZE] or \
-                      NAME=linear:PATH,PATH..., then [,ro][,shared][,desc=TEXT]";
+                      NAME=linear:PATH,PATH..., then [,ro][,shared][,crc[=FILE]][,scrub=SECS]\
+                      [,desc=TEXT]";
 
 /// Splits at single commas; `,,` stands for a literal comma (as in qemu's
 /// option syntax), so paths and descriptions can hold one.
@@ -126,8 +135,12 @@ impl std::str::FromStr for ExportSpec {
             read_only: false,
             shared: false,
             description: String::new(),
+            crc: None,
+            scrub: DEFAULT_SCRUB,
         };
         let mut stripe = None;
+        let mut crc: Option<Option<PathBuf>> = None;
+        let mut scrub = None;
         for item in items {
             if let Some(d) = item.strip_prefix("desc=") {
                 spec.description = d.to_owned();
@@ -137,10 +150,25 @@ impl std::str::FromStr for ExportSpec {
                 stripe = Some(parse_stripe(v)?);
                 continue;
             }
+            if let Some(v) = item.strip_prefix("crc=") {
+                if v.is_empty() {
+                    return Err(format!("'{s}': crc= needs a file"));
+                }
+                crc = Some(Some(v.into()));
+                continue;
+            }
+            if let Some(v) = item.strip_prefix("scrub=") {
+                scrub = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| format!("'{s}': scrub={v}: give whole seconds (0: none)"))?,
+                );
+                continue;
+            }
             match item.as_str() {
                 "ro" => spec.read_only = true,
                 "rw" => spec.read_only = false,
                 "shared" => spec.shared = true,
+                "crc" => crc = Some(None),
                 // In a RAID spec, an item that is no option is a component
                 // if it has a slash; so a typo in an option is an error,
                 // and a component called `ro` is `./ro`.
@@ -164,7 +192,8 @@ impl std::str::FromStr for ExportSpec {
                 }
                 _ => {
                     return Err(format!(
-                        "'{s}': unknown export option '{item}' (use ro, rw, shared or desc=TEXT)"
+                        "'{s}': unknown export option '{item}' (use ro, rw, shared, crc, \
+                         crc=FILE, scrub=SECS or desc=TEXT)"
                     ))
                 }
             }
@@ -196,8 +225,38 @@ impl std::str::FromStr for ExportSpec {
                 Source::Raid { mode, components }
             }
         };
+        (spec.crc, spec.scrub) = checksum_options(&spec.source, spec.read_only, crc, scrub)
+            .map_err(|e| format!("'{s}': {e}"))?;
         Ok(spec)
     }
+}
+
+/// The checksum file and scrub interval of an export, from its `crc` or
+/// `crc=FILE` (`Some(None)` and `Some(Some(FILE))`) and `scrub=` options;
+/// also for the config file.
+pub(crate) fn checksum_options(
+    source: &Source,
+    read_only: bool,
+    crc: Option<Option<PathBuf>>,
+    scrub: Option<u64>,
+) -> Result<(Option<PathBuf>, u64), String> {
+    let Some(crc) = crc else {
+        if scrub.is_some() {
+            return Err("scrub= applies to exports with checksums (crc) only".into());
+        }
+        return Ok((None, DEFAULT_SCRUB));
+    };
+    let Source::Image(image) = source else {
+        return Err("checksums (crc) apply to single-image exports only".into());
+    };
+    if !read_only {
+        return Err(
+            "checksums (crc) need a read-only export (add ro): a write would invalidate them"
+                .into(),
+        );
+    }
+    let file = crc.unwrap_or_else(|| crate::checksum::default_path(image));
+    Ok((Some(file), scrub.unwrap_or(DEFAULT_SCRUB)))
 }
 
 /// An open export.
@@ -220,6 +279,13 @@ impl Export {
                     .map(|r| Box::new(r) as Box<dyn Storage>)
             }
         };
+        let backend = backend.and_then(|b| match &spec.crc {
+            Some(crc) => {
+                let scrub = (spec.scrub > 0).then(|| std::time::Duration::from_secs(spec.scrub));
+                Verified::open(b, crc, scrub, SCRUB_RATE).map(|v| Box::new(v) as Box<dyn Storage>)
+            }
+            None => Ok(b),
+        });
         let backend = backend.map_err(|e| anyhow::anyhow!("export '{}': {e:#}", spec.name))?;
         Ok(Self::with_storage(&spec.name, &spec.description, backend))
     }
@@ -290,11 +356,18 @@ pub struct Exports {
 /// An image's (device, inode), where it could be looked at.
 type ImageId = Option<(u64, u64)>;
 
-/// The [`ImageId`] of each image (component) of an export.
+/// The [`ImageId`] of each image (component) of an export, then of its
+/// checksum file if it has one: `checksum` writes a new file (a new inode),
+/// so a reload picks up new checksums.
 fn image_ids(spec: &ExportSpec) -> Vec<ImageId> {
     use std::os::unix::fs::MetadataExt;
     let id = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    spec.source.paths().iter().map(id).collect()
+    spec.source
+        .paths()
+        .iter()
+        .chain(&spec.crc)
+        .map(id)
+        .collect()
 }
 
 /// Whether two specs ask for the same storage but for the images' paths,
@@ -421,6 +494,32 @@ mod tests {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
     }
 
+    #[test]
+    fn crc_spec_parsing() {
+        let s = parse("d=/srv/x.img,crc,ro");
+        assert_eq!(s.crc, Some(PathBuf::from("/srv/x.img.crc")));
+        assert_eq!(s.scrub, DEFAULT_SCRUB);
+        let s = parse("d=/srv/x.img,ro,crc=/var/sums,scrub=0");
+        assert_eq!((s.crc, s.scrub), (Some(PathBuf::from("/var/sums")), 0));
+        let s = parse("d=/srv/x.img,ro,crc,scrub=3600");
+        assert_eq!(s.scrub, 3600);
+        assert_eq!(parse("d=/srv/x.img,ro").crc, None);
+        for (bad, why) in [
+            ("d=/x,crc", "need a read-only export"),
+            ("d=/x,crc,ro,rw", "need a read-only export"),
+            (
+                "d=/x,ro,scrub=5",
+                "scrub= applies to exports with checksums",
+            ),
+            ("d=/x,ro,crc,scrub=1h", "whole seconds"),
+            ("d=/x,ro,crc=", "crc= needs a file"),
+            ("d=raid0:/a,/b,ro,crc", "single-image exports only"),
+        ] {
+            let e = parse_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
     fn parse_err(s: &str) -> String {
         s.parse::<ExportSpec>().unwrap_err()
     }
@@ -521,6 +620,30 @@ mod tests {
         assert_eq!(e.size(), 128 << 10);
         assert_eq!(e.description(), "x");
         assert!(e.backend().path().to_string_lossy().starts_with("raid0:"));
+    }
+
+    #[test]
+    fn a_reload_reopens_an_export_whose_checksums_were_rewritten() {
+        use crate::checksum::{Sums, BLOCK_SIZE};
+        let f = crate::testutil::TempFile::new(8192, 7);
+        let crc = crate::checksum::default_path(f.path());
+        let write_sums = || {
+            let b = Backend::open(f.path(), true, true).unwrap();
+            Sums::compute(&b, BLOCK_SIZE, |_, _| {})
+                .unwrap()
+                .store(&crc)
+                .unwrap();
+        };
+        write_sums();
+        let specs = [format!("d={},ro,crc", f.path().display()).parse().unwrap()];
+        let one = Exports::open(&specs).unwrap();
+        let two = Exports::open_reusing(&specs, &one).unwrap();
+        let first = |x: &Exports| x.find(b"").unwrap();
+        assert!(Exports::shares_storage(&first(&one), &first(&two)));
+        write_sums();
+        let three = Exports::open_reusing(&specs, &two).unwrap();
+        assert!(!Exports::shares_storage(&first(&two), &first(&three)));
+        let _ = std::fs::remove_file(&crc);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod budget;
+pub mod checksum;
 pub mod export;
 pub mod handshake;
 pub mod limits;
@@ -13,3 +14,4 @@ pub mod raid;
 #[cfg(test)]
 mod testutil;
 pub mod transmission;
+pub mod verified;

@@ -2,6 +2,7 @@
 
 mod backend;
 mod budget;
+mod checksum;
 mod config;
 mod export;
 mod handshake;
@@ -12,6 +13,7 @@ mod raid;
 #[cfg(test)]
 mod testutil;
 mod transmission;
+mod verified;
 
 use std::io::{self, Read};
 use std::net::{IpAddr, TcpListener, TcpStream};
@@ -42,13 +44,20 @@ use link::{Bare, IdleLimit, Link};
     long_about = "Serves one or more named exports over the NBD fixed newstyle protocol, \
                   to enbd-client, Linux nbd-client, qemu and libnbd tools. The first export \
                   is also the default one (empty name).",
-    after_help = "Example:\n  enbd-server --export disk=/srv/disk.img --export iso=/srv/x.iso,ro --listen 0.0.0.0:10809"
+    after_help = "Example:\n  enbd-server --export disk=/srv/disk.img --export iso=/srv/x.iso,ro --listen 0.0.0.0:10809",
+    // Serving takes the options; a subcommand (`checksum`, `verify`) none.
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Work on an image's checksums instead of serving.
+    #[command(subcommand)]
+    command: Option<checksum::Command>,
     /// An export: NAME=PATH, NAME=raid0:PATH,PATH...[,stripe=SIZE] or
     /// NAME=linear:PATH,PATH..., then [,ro][,shared][,desc=TEXT]. A PATH is
     /// a regular file or a block device; `,,` is a literal comma. Repeat
-    /// for more exports.
+    /// for more exports. A read-only image can be served with the block
+    /// checksums `enbd-server checksum` wrote: [,crc[=FILE]][,scrub=SECS].
     #[arg(
         short,
         long = "export",
@@ -602,7 +611,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some(cmd) = cli.command.take() {
+        return match checksum::run(cmd) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("enbd-server: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -762,6 +781,28 @@ mod tests {
         }
         let argv = ["enbd-server", "--export", &export, "--max-handshakes", "0"];
         assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn subcommands_sit_beside_the_serving_options() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv);
+        let c = parse(&["enbd-server", "checksum", "/a.img", "-o", "/b.crc"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(checksum::Command::Checksum { ref image, output: Some(ref o) })
+                if image == Path::new("/a.img") && o == Path::new("/b.crc")
+        ));
+        let c = parse(&["enbd-server", "verify", "/a.img"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(checksum::Command::Verify { crc: None, .. })
+        ));
+        // Serving is as before: no subcommand, and --export required.
+        let c = parse(&["enbd-server", "--export", "d=/a.img"]).unwrap();
+        assert!(c.command.is_none() && c.exports.len() == 1);
+        assert!(parse(&["enbd-server"]).is_err());
+        assert!(parse(&["enbd-server", "checksum"]).is_err());
+        assert!(parse(&["enbd-server", "--workers", "2", "checksum", "/a.img"]).is_err());
     }
 
     #[test]
