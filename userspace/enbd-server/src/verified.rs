@@ -542,6 +542,51 @@ mod tests {
     }
 
     #[test]
+    fn over_nbd_a_bad_block_is_an_eio_reply_and_the_connection_goes_on() {
+        use enbd_core::wire::{errno, Cmd, Request};
+        use std::io::Read;
+
+        use crate::testutil::{pair, read_reply, send_request};
+        use crate::transmission::{serve, Negotiated, Resources};
+
+        let img = Image::new();
+        img.flip(BS + 1);
+        let export = Export::with_storage("d", "", Box::new(img.open()));
+        let (mut client, mut server_end) = pair();
+        let server = std::thread::spawn(move || {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&server_end);
+            serve(
+                &mut server_end,
+                fd,
+                Arc::new(export),
+                Negotiated::default(),
+                &Resources::new(2),
+            )
+        });
+        let mut read = |cookie: u64, off: u64, len: u32| {
+            send_request(
+                &mut client,
+                Request::new(Cmd::Read, 0, cookie, off, len),
+                &[],
+            );
+            let rep = read_reply(&mut client);
+            assert_eq!(rep.cookie, cookie);
+            let mut data = vec![0u8; len as usize];
+            if rep.error == 0 {
+                client.read_exact(&mut data).unwrap();
+            }
+            (rep.error, data)
+        };
+        assert_eq!(read(1, BS, 4096).0, errno::EIO);
+        assert_eq!(read(2, 0, 4096), (0, img.file.read(0, 4096)));
+        assert_eq!(read(3, 2 * BS - 512, 1024).0, errno::EIO);
+        assert_eq!(read(4, 2 * BS, 4096), (0, img.file.read(2 * BS, 4096)));
+        send_request(&mut client, Request::new(Cmd::Disc, 0, 5, 0, 0), &[]);
+        let stats = server.join().unwrap().unwrap();
+        assert_eq!(stats.requests, 5);
+    }
+
+    #[test]
     fn an_export_with_crc_verifies_its_reads() {
         let img = Image::new();
         img.flip(3 * BS);
