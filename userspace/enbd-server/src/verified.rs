@@ -40,8 +40,7 @@ struct Checked {
     /// One of UNCHECKED, GOOD, BAD per block. BAD is final.
     state: Vec<AtomicU8>,
     locks: Vec<Mutex<()>>,
-    /// Blocks read and summed, by first reads and the scrub (for tests and
-    /// the scrub's log).
+    /// Blocks read and summed, by first reads and the scrub (for tests).
     checks: AtomicU64,
     /// Reads refused since the last summary line, and when that was.
     refused: Mutex<(u64, Option<Instant>)>,
