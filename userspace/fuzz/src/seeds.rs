@@ -269,8 +269,12 @@ pub fn transmission() -> Seeds {
             ),
         ),
         (
+            // Enough that workers start while the server still reads.
             "hang-up-without-disc",
-            tx_seed(raw, &[(Cmd::Write, 0, 0, 512), (Cmd::Read, 0, 0, 512)]),
+            tx_seed(
+                raw,
+                &[(Cmd::Write, 0, 0, 512), (Cmd::Read, 0, 0, 512)].repeat(24),
+            ),
         ),
         (
             "hang-up-after-disc",
