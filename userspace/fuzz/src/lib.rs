@@ -94,3 +94,36 @@ pub fn drained(t: JoinHandle<Vec<u8>>) -> Vec<u8> {
         Err(_) => panic!("harness: the drain thread panicked"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Inputs that once crashed a target are kept as `seeds/TARGET/crash-*`
+    /// and must pass now.
+    #[test]
+    fn kept_crash_inputs_pass() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 3] = [
+            ("handshake", crate::handshake::fuzz),
+            ("transmission", crate::transmission::fuzz),
+            ("wire_decode", crate::wire_decode::fuzz),
+        ];
+        let mut n = 0;
+        for (target, fuzz) in targets {
+            for e in std::fs::read_dir(root.join(target)).unwrap() {
+                let p = e.unwrap().path();
+                if p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("crash-")
+                {
+                    fuzz(&std::fs::read(&p).unwrap());
+                    n += 1;
+                }
+            }
+        }
+        assert!(n > 0, "no crash input kept: is seeds/ there?");
+    }
+}

@@ -61,7 +61,7 @@ impl Setup {
 #[derive(Debug)]
 struct Counting {
     inner: Backend,
-    modified: AtomicU64,
+    modified: Arc<AtomicU64>,
 }
 
 impl Storage for Counting {
@@ -98,8 +98,8 @@ impl Storage for Counting {
 struct Fixture {
     export: Arc<Export>,
     path: PathBuf,
-    /// The counter inside the export's storage.
-    modified: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// The counter of the export's [`Counting`] storage.
+    modified: Arc<AtomicU64>,
 }
 
 fn fixture(read_only: bool) -> &'static Fixture {
@@ -116,49 +116,18 @@ fn fixture(read_only: bool) -> &'static Fixture {
             Ok(b) => b,
             Err(e) => panic!("harness set-up: {e:#}"),
         };
-        let storage = Arc::new(Counting {
+        let modified = Arc::new(AtomicU64::new(0));
+        let storage = Counting {
             inner,
-            modified: AtomicU64::new(0),
-        });
-        let s = storage.clone();
-        let export = Export::with_storage(name, "", Box::new(Shared(storage)));
+            modified: modified.clone(),
+        };
+        let export = Export::with_storage(name, "", Box::new(storage));
         Fixture {
             export: Arc::new(export),
             path,
-            modified: Arc::new(move || s.modified.load(Ordering::SeqCst)),
+            modified,
         }
     })
-}
-
-/// [`Counting`] shared between the export and the harness.
-#[derive(Debug)]
-struct Shared(Arc<Counting>);
-
-impl Storage for Shared {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-    fn read_only(&self) -> bool {
-        self.0.read_only()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> std::io::Result<()> {
-        self.0.write_at(buf, off, fua)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-    fn trim(&self, off: u64, len: u64) -> std::io::Result<()> {
-        self.0.trim(off, len)
-    }
-    fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
-        self.0.write_zeroes(off, len, may_trim)
-    }
 }
 
 fn file_contents(path: &Path) -> Vec<u8> {
@@ -272,7 +241,7 @@ pub fn exchange(setup: Setup, stream: &Stream) -> Run {
     let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
     let f = fixture(setup.read_only);
     let before = file_contents(&f.path);
-    let modified_before = (f.modified)();
+    let modified_before = f.modified.load(Ordering::SeqCst);
     let (mut c, mut s) = crate::socket_pair();
     let mut hung_up_first = false;
     let mut writer = None;
@@ -338,7 +307,7 @@ pub fn exchange(setup: Setup, stream: &Stream) -> Run {
     let output = crate::drained(reader);
     Run {
         output,
-        modified: (f.modified)() - modified_before,
+        modified: f.modified.load(Ordering::SeqCst) - modified_before,
         hung_up_first,
         after: file_contents(&f.path),
         before,
