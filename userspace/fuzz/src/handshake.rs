@@ -105,6 +105,9 @@ pub enum Ended {
     Transmission(String),
     Closed,
     Error(String),
+    /// The handshake deadline ran out: the client had sent everything and
+    /// hung up long before, so the server hung.
+    TimedOut,
 }
 
 /// Runs one input; panics if the server broke the protocol.
@@ -128,8 +131,8 @@ pub fn exchange(setup: Setup, client: &[u8]) -> (Ended, Vec<u8>) {
     } else {
         Link::unix(s)
     };
-    // The server's own limit, as in production: a bug that waits for bytes
-    // that never come ends here rather than in libFuzzer's timeout.
+    // The server's own limit, as in production: a server waiting for bytes
+    // after the client's EOF ends here, and the oracle reports it.
     link.set_deadline(Some(Instant::now() + crate::PATIENCE));
     let tls = TlsPolicy {
         mode: setup.mode,
@@ -149,6 +152,7 @@ pub fn exchange(setup: Setup, client: &[u8]) -> (Ended, Vec<u8>) {
     let ended = match negotiate(&mut link, exports(), &tls) {
         Ok(Outcome::Transmission(e)) => Ended::Transmission(e.name().to_owned()),
         Ok(Outcome::Closed) => Ended::Closed,
+        Err(e) if e.is_timeout() => Ended::TimedOut,
         Err(e) => Ended::Error(e.to_string()),
     };
     // Closing the server's end ends the drain.
@@ -188,6 +192,9 @@ fn array<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
 ///   reply, in `Closed` after ABORT's ACK or an unanswered EXPORT_NAME, and
 ///   in an error otherwise.
 pub fn check(setup: Setup, mut client: &[u8], mut out: &[u8], ended: &Ended) -> Result<(), String> {
+    if *ended == Ended::TimedOut {
+        return Err("the server waited for the client after its EOF".into());
+    }
     let g = array::<{ Greeting::LEN }>(&mut out).ok_or("no complete greeting")?;
     let g = Greeting::decode(&g).map_err(|e| format!("greeting: {e}"))?;
     if g.flags & hs::FIXED_NEWSTYLE == 0 {
@@ -359,8 +366,9 @@ mod tests {
         let mut extra = out.clone();
         extra.push(0);
         assert!(check(setup, client, &extra, &ended).is_err());
-        // A different ending.
+        // A different ending, or a hang.
         assert!(check(setup, client, &out, &Ended::Closed).is_err());
+        assert!(check(setup, client, &out, &Ended::TimedOut).is_err());
         // An unknown client flag must end it after the greeting.
         let mut bad = client.to_vec();
         bad[3] |= 4;

@@ -213,6 +213,9 @@ pub struct Run {
     pub before: Vec<u8>,
     pub after: Vec<u8>,
     pub served: Result<(), String>,
+    /// `serve` ended on the idle limit: with the client's bytes all sent,
+    /// the server waited for more.
+    pub timed_out: bool,
 }
 
 /// Runs one input; panics if the server broke the protocol.
@@ -291,13 +294,13 @@ pub fn exchange(setup: Setup, stream: &Stream) -> Run {
     let reader = crate::drain(c);
     let fd = s.as_raw_fd();
     let served = {
-        // The server's idle limit guards against a server waiting for bytes
-        // that the oracle says it has.
+        // The server's idle limit ends a server waiting for bytes that the
+        // client never sends; the oracle reports it.
         let mut idle = IdleLimit::new(&mut s, Some(crate::PATIENCE));
-        serve(&mut idle, fd, f.export.clone(), setup.workers)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        serve(&mut idle, fd, f.export.clone(), setup.workers).map(|_| ())
     };
+    let timed_out = matches!(&served, Err(e) if e.kind() == std::io::ErrorKind::TimedOut);
+    let served = served.map_err(|e| e.to_string());
     drop(s);
     if let Some(w) = writer {
         if w.join().is_err() {
@@ -312,6 +315,7 @@ pub fn exchange(setup: Setup, stream: &Stream) -> Run {
         after: file_contents(&f.path),
         before,
         served,
+        timed_out,
     }
 }
 
@@ -348,6 +352,9 @@ fn modifies(cmd: Option<Cmd>) -> bool {
 ///   READ returns what the writes before it left, and the file ends as the
 ///   successful changes made it (TRIM leaves its range unknown).
 pub fn check(setup: Setup, stream: &Stream, run: &Run) -> Result<(), String> {
+    if run.timed_out {
+        return Err("the server waited for more than the client sent".into());
+    }
     let reqs = &stream.requests;
     let mut replies: Vec<Option<(u32, std::ops::Range<usize>)>> = vec![None; reqs.len()];
     let mut out = &run.output[..];
@@ -567,6 +574,7 @@ mod tests {
         })
         .is_err());
         assert!(with(&|r| r.served = Err("x".into())).is_err());
+        assert!(with(&|r| r.timed_out = true).is_err());
         // Fencing: a change executed for a client gone without DISC.
         let raw = Setup { raw: true, ..setup };
         let mut cut = frame(&data[1..], false);
@@ -578,6 +586,7 @@ mod tests {
             before: run.before.clone(),
             after: run.after.clone(),
             served: Ok(()),
+            timed_out: false,
         };
         assert!(check(raw, &cut, &gone).is_err());
         assert!(check(
