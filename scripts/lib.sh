@@ -8,6 +8,8 @@ BINDGEN_VERSION=0.70.1
 VNG_VERSION=1.42
 BINDGEN=$ENBD_TOOLS/bindgen-$BINDGEN_VERSION/bin/bindgen
 VNG=$ENBD_TOOLS/vng-venv/bin/vng
+CARGO_FUZZ_VERSION=0.13.2
+CARGO_FUZZ=$ENBD_TOOLS/cargo-fuzz-$CARGO_FUZZ_VERSION/bin/cargo-fuzz
 # The kernel and the module are built with Debian's rustc-web, which ships rust-src;
 # rustup's toolchain (used for userspace/) has none.
 KRUSTC=/usr/bin/rustc
