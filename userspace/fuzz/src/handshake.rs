@@ -150,7 +150,7 @@ pub fn exchange(setup: Setup, client: &[u8]) -> (Ended, Vec<u8>) {
         let _ = c.shutdown(Shutdown::Write);
     });
     let ended = match negotiate(&mut link, exports(), &tls) {
-        Ok(Outcome::Transmission(e)) => Ended::Transmission(e.name().to_owned()),
+        Ok(Outcome::Transmission(e, _)) => Ended::Transmission(e.name().to_owned()),
         Ok(Outcome::Closed) => Ended::Closed,
         Err(e) if e.is_timeout() => Ended::TimedOut,
         Err(e) => Ended::Error(e.to_string()),
@@ -283,6 +283,13 @@ pub fn check(setup: Setup, mut client: &[u8], mut out: &[u8], ended: &Ended) -> 
                 }
                 rep::INFO => {
                     Info::decode(p).map_err(|e| format!("{what}: info: {e}"))?;
+                }
+                rep::META_CONTEXT
+                    if !matches!(option, opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT) =>
+                {
+                    return Err(format!(
+                        "{what}: REP_META_CONTEXT outside the meta-context options"
+                    ))
                 }
                 _ => {}
             }

@@ -16,9 +16,10 @@ use std::sync::{Arc, OnceLock};
 
 use enbd_core::wire::{errno, Cmd, Request, SimpleReply, REQUEST_MAGIC};
 use enbd_server::backend::{Backend, Storage};
+use enbd_server::budget::Memory;
 use enbd_server::export::Export;
 use enbd_server::link::IdleLimit;
-use enbd_server::transmission::serve;
+use enbd_server::transmission::{serve, Negotiated, Resources, POOL_KEEP};
 
 /// Size of the exports: small, so that the fuzzer hits valid ranges.
 pub const SIZE: usize = 64 << 10;
@@ -297,7 +298,15 @@ pub fn exchange(setup: Setup, stream: &Stream) -> Run {
         // The server's idle limit ends a server waiting for bytes that the
         // client never sends; the oracle reports it.
         let mut idle = IdleLimit::new(&mut s, Some(crate::PATIENCE));
-        serve(&mut idle, fd, f.export.clone(), setup.workers).map(|_| ())
+        // The server's default budgets; simple replies (the oracle reads
+        // those only).
+        let res = Resources {
+            workers: setup.workers,
+            memory: Arc::new(Memory::new(1 << 30, POOL_KEEP)),
+            per_connection: 64 << 20,
+            send_timeout: None,
+        };
+        serve(&mut idle, fd, f.export.clone(), Negotiated::default(), &res).map(|_| ())
     };
     let timed_out = matches!(&served, Err(e) if e.kind() == std::io::ErrorKind::TimedOut);
     let served = served.map_err(|e| e.to_string());
@@ -341,8 +350,9 @@ fn modifies(cmd: Option<Cmd>) -> bool {
 /// * every reply is well formed, answers a request sent, once at most, with
 ///   an error value the protocol allows; a successful READ carries exactly
 ///   its length in data;
-/// * a request succeeds only if it is a known command other than DISC,
-///   within the export, and not a change to a read-only export;
+/// * a request succeeds only if it is a known command other than DISC and
+///   BLOCK_STATUS (no meta context is negotiated), within the export, and
+///   not a change to a read-only export;
 /// * the first DISC left unanswered ends the stream: every request before it
 ///   has its reply and none after it does. A completed stream must end so,
 ///   with `serve` returning `Ok`;
@@ -385,8 +395,11 @@ pub fn check(setup: Setup, stream: &Stream, run: &Run) -> Result<(), String> {
         let mut data = at..at;
         if r.error == 0 {
             match cmd {
-                None | Some(Cmd::Disc) => return Err(format!("request {i} ({req:?}) succeeded")),
-                Some(Cmd::Read | Cmd::Write | Cmd::Trim | Cmd::WriteZeroes) => {
+                // BLOCK_STATUS needs a meta context, never set up here.
+                None | Some(Cmd::Disc | Cmd::BlockStatus) => {
+                    return Err(format!("request {i} ({req:?}) succeeded"))
+                }
+                Some(Cmd::Read | Cmd::Write | Cmd::Trim | Cmd::WriteZeroes | Cmd::Cache) => {
                     let end = req.offset.checked_add(u64::from(req.length));
                     if end.is_none_or(|e| e > SIZE as u64) {
                         return Err(format!("request {i} ({req:?}) succeeded out of range"));
