@@ -383,6 +383,19 @@ fn shutdown_on_signal(shared: Arc<Shared>) -> Result<()> {
         let mut sent = 0;
         let mut held = Vec::new();
         for &fd in fds.iter() {
+            // Never wait on a peer whose socket is full: one stalled client
+            // must not keep the server from exiting (nor the others from
+            // their close_notify). The process exits next, so the workers
+            // may as well see EAGAIN.
+            // SAFETY: the fd is open (registered while its connection serves,
+            // and the lock held here keeps it from being closed); F_SETFL only
+            // changes its file status flags.
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+                }
+            }
             if enbd_tls::ktls::send_close_notify(fd).is_ok() {
                 sent += 1;
             }
