@@ -19,16 +19,13 @@ import os
 import resource
 import select
 import socket
-import struct
 import sys
 import threading
 import time
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLYMAGIC = 0x3E889045565A9
-REQ = 0x25609513
-OPT_GO = 7
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nbdprobe  # noqa: E402
+
 CMD_READ, CMD_WRITE = 0, 1
 
 
@@ -66,45 +63,16 @@ def idle(host, port, n, hold):
     out(f"closed-by-server {closed}")
 
 
-def recvall(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise EOFError("closed")
-        b += c
-    return b
-
-
-def go(s, export):
-    magic, opt, _ = struct.unpack(">QQH", recvall(s, 18))
-    if magic != NBDMAGIC or opt != IHAVEOPT:
-        raise SystemExit(f"bad greeting {magic:#x} {opt:#x}")
-    s.sendall(struct.pack(">I", 3))
-    name = export.encode()
-    payload = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    s.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(payload)) + payload)
-    while True:
-        m, _, rtype, ln = struct.unpack(">QIII", recvall(s, 20))
-        if m != REPLYMAGIC:
-            raise SystemExit(f"bad option reply magic {m:#x}")
-        recvall(s, ln)
-        if rtype == 1:
-            return
-        if rtype & 0x80000000:
-            raise SystemExit(f"GO refused: {rtype:#x}")
-
-
 def write(host, port, export, reads, writes, size):
     s = socket.create_connection((host, port))
-    go(s, export)
+    nbdprobe.handshake(s, export)
     out("negotiated")
     sent = 0
     data = os.urandom(1 << 20) * (size >> 20) + os.urandom(size % (1 << 20))
     for i in range(reads):
-        s.sendall(struct.pack(">IHHQQI", REQ, 0, CMD_READ, i, 0, size))
+        nbdprobe.request(s, CMD_READ, 0, size, cookie=i)
     for i in range(writes):
-        s.sendall(struct.pack(">IHHQQI", REQ, 0, CMD_WRITE, 1000 + i, 0, size))
+        nbdprobe.request(s, CMD_WRITE, 0, size, cookie=1000 + i)
         s.sendall(data)
         sent += size
         out(f"sent {sent >> 20} MiB")
