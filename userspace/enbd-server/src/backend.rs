@@ -152,6 +152,15 @@ impl Backend {
             Err(io::Error::last_os_error())
         }
     }
+
+    /// Deallocates a range of a file, which then reads as zeroes.
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    }
 }
 
 /// Another process holds a conflicting lock on the image.
@@ -265,11 +274,7 @@ impl Storage for Backend {
         let r = if self.block_device {
             self.range_ioctl(BLKDISCARD, off, len)
         } else {
-            self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
+            self.punch_hole(off, len)
         };
         match r {
             Err(e)
@@ -288,11 +293,7 @@ impl Storage for Backend {
         let fast = if self.block_device {
             self.range_ioctl(BLKZEROOUT, off, len)
         } else if may_trim {
-            self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
+            self.punch_hole(off, len)
         } else {
             self.fallocate(libc::FALLOC_FL_ZERO_RANGE, off, len)
         };
@@ -372,11 +373,7 @@ impl Storage for Backend {
     /// since the device may unmap.
     fn write_zeroes_fast(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
         let r = if may_trim {
-            self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
+            self.punch_hole(off, len)
         } else if self.block_device {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         } else {

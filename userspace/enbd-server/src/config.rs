@@ -370,13 +370,7 @@ pub fn reload_now(reloader: &Reloader, shared: &Shared) {
             let (added, removed, changed) = changes(&current, &new);
             for e in new.iter() {
                 if added.iter().chain(&changed).any(|n| n == e.name()) {
-                    info!(
-                        export = e.name(),
-                        path = %e.backend().path().display(),
-                        size = e.size(),
-                        ro = e.backend().read_only(),
-                        "export ready"
-                    );
+                    e.log_ready();
                 }
             }
             shared.set_exports(Arc::new(new));

@@ -316,6 +316,17 @@ impl Export {
         &self.description
     }
 
+    /// Logs that the export is open, with what it serves.
+    pub fn log_ready(&self) {
+        tracing::info!(
+            export = self.name(),
+            path = %self.backend().path().display(),
+            size = self.size(),
+            ro = self.backend().read_only(),
+            "export ready"
+        );
+    }
+
     pub fn size(&self) -> u64 {
         self.backend.size()
     }

@@ -165,13 +165,7 @@ impl Shared {
         let transmission = resources(cli)?;
         let exports = Exports::open(&cli.exports)?;
         for e in exports.iter() {
-            info!(
-                export = e.name(),
-                path = %e.backend().path().display(),
-                size = e.size(),
-                ro = e.backend().read_only(),
-                "export ready"
-            );
+            e.log_ready();
         }
         Ok(Self {
             exports: std::sync::RwLock::new(Arc::new(exports)),

@@ -439,6 +439,20 @@ impl Raid {
             .map(|c| &**c)
             .ok_or_else(|| io::Error::other(format!("no component {i}")))
     }
+
+    /// Runs `op` on each component's span of the range (offset and length
+    /// on that component), in component order; the first error ends it.
+    fn each_span(
+        &self,
+        off: u64,
+        len: u64,
+        op: impl Fn(&dyn Storage, u64, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        for s in self.layout.spans(off, len)? {
+            op(self.component(s.component)?, s.offset, s.len)?;
+        }
+        Ok(())
+    }
 }
 
 /// The request bytes of a piece, without a panic on a bad mapping.
@@ -515,18 +529,11 @@ impl Storage for Raid {
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
-        for s in self.layout.spans(off, len)? {
-            self.component(s.component)?.trim(s.offset, s.len)?;
-        }
-        Ok(())
+        self.each_span(off, len, |c, o, n| c.trim(o, n))
     }
 
     fn write_zeroes(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
-        for s in self.layout.spans(off, len)? {
-            self.component(s.component)?
-                .write_zeroes(s.offset, s.len, may_trim)?;
-        }
-        Ok(())
+        self.each_span(off, len, |c, o, n| c.write_zeroes(o, n, may_trim))
     }
 
     /// Each piece's runs from its component, in export order, merged where
@@ -573,10 +580,7 @@ impl Storage for Raid {
 
     /// Readahead on each component's span of the range.
     fn cache(&self, off: u64, len: u64) -> io::Result<()> {
-        for s in self.layout.spans(off, len)? {
-            self.component(s.component)?.cache(s.offset, s.len)?;
-        }
-        Ok(())
+        self.each_span(off, len, |c, o, n| c.cache(o, n))
     }
 
     /// Each component's span zeroed fast, in component order. Whether a
@@ -585,11 +589,7 @@ impl Storage for Raid {
     /// are what the client asked for, and it writes the rest the slow way
     /// after the `EOPNOTSUPP`.
     fn write_zeroes_fast(&self, off: u64, len: u64, may_trim: bool) -> io::Result<()> {
-        for s in self.layout.spans(off, len)? {
-            self.component(s.component)?
-                .write_zeroes_fast(s.offset, s.len, may_trim)?;
-        }
-        Ok(())
+        self.each_span(off, len, |c, o, n| c.write_zeroes_fast(o, n, may_trim))
     }
 }
 
