@@ -23,6 +23,15 @@ use std::time::Duration;
 /// `-timeout` (set by `scripts/fuzz`) is the backstop above this.
 pub const PATIENCE: Duration = Duration::from_secs(5);
 
+/// The error values the protocol allows, written out here rather than taken
+/// from `wire::errno::from_linux`, which is what the targets check.
+pub const PROTOCOL_ERRORS: [u32; 8] = {
+    use enbd_core::wire::errno::*;
+    [
+        EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
+    ]
+};
+
 /// A directory for this process's backing files, a few hundred KiB. On
 /// tmpfs where there is one: the server syncs its file at every disconnect,
 /// once per input here. A fuzzer ends by exiting, so the directories of

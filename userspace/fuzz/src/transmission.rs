@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use enbd_core::wire::{errno, Cmd, Request, SimpleReply, REQUEST_MAGIC};
+use enbd_core::wire::{Cmd, Request, SimpleReply, REQUEST_MAGIC};
 use enbd_server::backend::{Backend, Storage};
 use enbd_server::budget::Memory;
 use enbd_server::export::Export;
@@ -328,19 +328,6 @@ pub fn exchange(setup: Setup, stream: &Stream) -> Run {
     }
 }
 
-/// Error values the protocol allows in a reply.
-const ERRNOS: [u32; 9] = [
-    0,
-    errno::EPERM,
-    errno::EIO,
-    errno::ENOMEM,
-    errno::EINVAL,
-    errno::ENOSPC,
-    errno::EOVERFLOW,
-    errno::ENOTSUP,
-    errno::ESHUTDOWN,
-];
-
 fn modifies(cmd: Option<Cmd>) -> bool {
     matches!(cmd, Some(Cmd::Write | Cmd::Trim | Cmd::WriteZeroes))
 }
@@ -384,7 +371,7 @@ pub fn check(setup: Setup, stream: &Stream, run: &Run) -> Result<(), String> {
         if replies[i].is_some() {
             return Err(format!("request {i} answered twice"));
         }
-        if !ERRNOS.contains(&r.error) {
+        if r.error != 0 && !crate::PROTOCOL_ERRORS.contains(&r.error) {
             return Err(format!(
                 "request {i}: error {} outside the protocol",
                 r.error

@@ -146,17 +146,7 @@ pub fn check(data: &[u8]) -> Result<(), String> {
     let e = errno::from_linux(i32::from_be_bytes(
         fixed::<4>(data).copied().unwrap_or_default(),
     ));
-    let allowed = [
-        errno::EPERM,
-        errno::EIO,
-        errno::ENOMEM,
-        errno::EINVAL,
-        errno::ENOSPC,
-        errno::EOVERFLOW,
-        errno::ENOTSUP,
-        errno::ESHUTDOWN,
-    ];
-    if !allowed.contains(&e) {
+    if !crate::PROTOCOL_ERRORS.contains(&e) {
         return Err(format!("errno {e} outside the protocol"));
     }
     Ok(())
