@@ -483,3 +483,53 @@ run_bounded() {
 	wait "$BOUNDED_PID" 2>/dev/null
 	return 0
 }
+
+# Puts server host $1 (1..8) in network namespace r$1 behind a veth pair:
+# 10.99.1$1.1 (vr$1c, here) <-> 10.99.1$1.2 (vr$1s, in r$1), $2 ms of
+# delay on the server's side (the round trip gains $2 ms).
+setup_replica() {
+	local i=$1 ms=$2
+	run ip netns add "r$i"
+	run ip link add "vr${i}c" type veth peer name "vr${i}s"
+	run ip link set "vr${i}s" netns "r$i"
+	run ip addr add "10.99.1$i.1/24" dev "vr${i}c"
+	run ip link set "vr${i}c" up
+	run ip netns exec "r$i" ip addr add "10.99.1$i.2/24" dev "vr${i}s"
+	run ip netns exec "r$i" ip link set "vr${i}s" up
+	run ip netns exec "r$i" ip link set lo up
+	run ip netns exec "r$i" tc qdisc add dev "vr${i}s" root netem delay "${ms}ms"
+}
+
+# Changes replica $1's delay to $2 ms.
+replica_delay() {
+	run ip netns exec "r$1" tc qdisc change dev "vr${1}s" root netem delay "${2}ms"
+}
+
+# Starts enbd-server for replica $1 on 10.99.1$1.2:10809 with export specs
+# $2...; its pid goes to REPLICA_PID[$1].
+declare -A REPLICA_PID
+start_replica() {
+	local i=$1
+	shift
+	local args=()
+	for e in "$@"; do args+=(--export "$e"); done
+	ip netns exec "r$i" "$SERVER" --listen "10.99.1$i.2:10809" "${args[@]}" >"/tmp/enbd-server-r$i.log" 2>&1 &
+	REPLICA_PID[$i]=$!
+	wait_for 20 sh -c "ip netns exec r$i ss -Hltn 'sport = :10809' | grep -q LISTEN" || fail "replica $i not listening"
+}
+
+# Bytes replica $1's host has sent (its veth's TX counter): counted by the
+# network stack, independent of enbd's own accounting.
+replica_tx() {
+	ip netns exec "r$1" cat "/sys/class/net/vr${1}s/statistics/tx_bytes"
+}
+
+# The id of $1's server line with role=active, or nothing.
+active_server() {
+	grep "^$1 server " /proc/nbdinfo | grep ' role=active' | tr ' ' '\n' | sed -n 's/^id=//p' | head -n1
+}
+
+# A field of server $2's line of device $1: server_field enbd0 1 probes
+server_field() {
+	grep "^$1 server id=$2 " /proc/nbdinfo | tr ' ' '\n' | sed -n "s/^$3=//p" | head -n1
+}

@@ -2,7 +2,8 @@
 """Raw enbd ioctls, for tests that need arguments enbd-client never sends.
 
     enbd_ioctl.py DEV configure SIZE BLOCK_SIZE [NBD_FLAGS] [RESERVED]
-    enbd_ioctl.py DEV add-sock FD_SOURCE TOKEN_HEX   (FD_SOURCE: tcp:HOST:PORT | file:PATH)
+    enbd_ioctl.py DEV add-sock FD_SOURCE TOKEN_HEX [SERVER]   (FD_SOURCE: tcp:HOST:PORT | file:PATH)
+    enbd_ioctl.py DEV servers TOKEN_HEX COUNT ACTIVE [STATE]
     enbd_ioctl.py DEV status
     enbd_ioctl.py DEV raw NUMBER
 
@@ -24,11 +25,15 @@ def ioc(d, nr, size):
 
 
 CONFIG = struct.Struct("=QIIII64s64s16s")
-SOCK = struct.Struct("=iI16s")
-STATUS = struct.Struct("=IIIIQQ")
+SOCK = struct.Struct("=iII16s")
+STATUS = struct.Struct("=IIIIQQ8s")
+SERVER = struct.Struct("=64sIII")
+MAX_SERVERS = 8
+SERVERS = struct.Struct("=16sII" + "64sIII" * MAX_SERVERS)
 IOC_CONFIGURE = ioc(3, 1, CONFIG.size)
 IOC_ADD_SOCK = ioc(1, 2, SOCK.size)
 IOC_STATUS = ioc(2, 5, STATUS.size)
+IOC_SERVERS = ioc(1, 7, SERVERS.size)
 
 
 def call(fd, req, buf):
@@ -58,8 +63,18 @@ def main():
             sfd = s.fileno()
         else:
             sfd = os.open(where, os.O_RDONLY)
-        buf = bytearray(SOCK.pack(sfd, 0, bytes.fromhex(args[1])))
+        server = int(args[2]) if len(args) > 2 else 0
+        buf = bytearray(SOCK.pack(sfd, 0, server, bytes.fromhex(args[1])))
         e, _ = call(fd, IOC_ADD_SOCK, buf)
+        if e == 0:
+            print("ok")
+    elif op == "servers":
+        token, count, active = bytes.fromhex(args[0]), int(args[1]), int(args[2], 0)
+        state = int(args[3]) if len(args) > 3 else 1
+        recs = []
+        for i in range(MAX_SERVERS):
+            recs += [f"10.0.0.{i}:10809".encode(), 1000 * i, i, state]
+        e, _ = call(fd, IOC_SERVERS, bytearray(SERVERS.pack(token, count, active, *recs)))
         if e == 0:
             print("ok")
     elif op == "status":

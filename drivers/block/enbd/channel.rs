@@ -47,18 +47,21 @@ pub(crate) struct ChanInfo {
     pub(crate) replies: u64,
     /// `uapi::SOCK_KTLS`, `uapi::SOCK_TLS_PROXY` or 0.
     pub(crate) tls: u32,
+    /// The server it leads to (`SockArg::server`, below `MAX_SERVERS`).
+    pub(crate) server: u32,
     /// Why the channel is being dropped, once that has begun.
     pub(crate) condemned: Option<&'static str>,
 }
 
 impl ChanInfo {
-    pub(crate) fn up(serial: u64, now: u64, probe_len: u32, tls: u32) -> Self {
+    pub(crate) fn up(serial: u64, now: u64, probe_len: u32, tls: u32, server: u32) -> Self {
         Self {
             state: ChanState::Up,
             serial,
             health: Health::new(now),
             probe_len,
             tls,
+            server,
             ..Self::default()
         }
     }
@@ -124,10 +127,15 @@ pub(crate) fn sender(dev: &Device, chan: &Channel) {
                 }
                 if io.takes_requests(chan.id as usize) {
                     if let Some(t) = io.journal.take(chan.id, now, crate::device::header_of) {
+                        let len = u64::from(t.header.length);
                         if let Some(info) = io.chan_mut(chan) {
                             info.requests += 1;
-                            info.bytes += u64::from(t.header.length);
+                            info.bytes += len;
                             info.health.sent(now);
+                            let server = info.server as usize;
+                            if let Some(s) = io.servers.get_mut(server) {
+                                s.bytes += len;
+                            }
                         }
                         break Next::Send(t);
                     }

@@ -44,7 +44,7 @@ use crate::health::Tick;
 use crate::journal::{self, Journal, Kind, Outcome, Slot};
 use crate::ratelimit::RateLimit;
 use crate::sys::{self, BlkStatus, BlockDriver, DiskRef, Limits, Param, ReqOp, Rq, Socket, Thread};
-use crate::uapi::{self, Config, DevState, SockArg, Status, WaitArg};
+use crate::uapi::{self, Config, DevState, ServerArg, ServersArg, SockArg, Status, WaitArg};
 use crate::wire::{tx, Cmd, Request};
 
 pub(crate) type RqJournal = Journal<Rq, KVec<Slot<Rq>>>;
@@ -59,6 +59,12 @@ pub(crate) struct Io {
     pub(crate) chans: KVec<ChanSlot>,
     /// Channels in state `Up`.
     pub(crate) live: u32,
+    /// The servers `IOC_SERVERS` described (`server_count` of them) and the
+    /// bytes sent to each.
+    pub(crate) servers: [ServerInfo; uapi::MAX_SERVERS],
+    server_count: u32,
+    /// The server whose channels carry the requests while any of them can.
+    active_server: Option<u32>,
     /// Whether the configuration reached the disk (first channel).
     applied: bool,
     /// When the last channel went away.
@@ -94,9 +100,21 @@ impl Io {
     /// Whether several channels may carry requests at once. Without the
     /// server's `CAN_MULTI_CONN` the NBD spec promises no consistency across
     /// connections, so only one channel is active and the others are warm
-    /// reserves (probed, but given no requests).
+    /// reserves (probed, but given no requests). Several servers are used
+    /// only for exports the helper knows to be consistent across them
+    /// (read-only, or a backend the user said is shared), so their channels
+    /// count as multi-conn.
     fn multi_conn(&self) -> bool {
-        self.config.nbd_flags & u32::from(tx::CAN_MULTI_CONN) != 0
+        self.config.nbd_flags & u32::from(tx::CAN_MULTI_CONN) != 0 || self.server_count > 1
+    }
+
+    /// Whether some channel to the chosen server takes requests now (true
+    /// when no server is chosen).
+    fn active_server_can(&self) -> bool {
+        self.active_server.map_or(true, |a| {
+            self.infos()
+                .any(|c| c.state == ChanState::Up && c.server == a && c.health.takes_requests())
+        })
     }
 
     /// Whether channel `id` is active (not a reserve): every live channel
@@ -118,21 +136,40 @@ impl Io {
                 .any(|o| o.state == ChanState::Up && o.serial < c.serial)
     }
 
-    /// Whether channel `id` may take requests now.
+    /// Whether channel `id` may take requests now: healthy, active, and
+    /// leading to the chosen server unless none of that server's channels
+    /// can (`replica::carries`).
     pub(crate) fn takes_requests(&self, id: usize) -> bool {
-        self.chans
-            .get(id)
-            .is_some_and(|s| s.info.health.takes_requests())
-            && self.is_active(id)
+        self.chans.get(id).is_some_and(|s| {
+            s.info.health.takes_requests()
+                && crate::replica::carries(
+                    s.info.server,
+                    self.active_server,
+                    self.active_server_can(),
+                )
+        }) && self.is_active(id)
     }
 
-    /// Whether some live sender would refuse a request (a suspect or a
-    /// reserve channel), so a single wake-up could be lost on it.
+    /// Whether some live sender would refuse a request (a suspect, reserve
+    /// or standby channel), so a single wake-up could be lost on it.
     fn has_idle_refusers(&self) -> bool {
         (!self.multi_conn() && self.live > 1)
-            || self
-                .infos()
-                .any(|c| c.state == ChanState::Up && !c.health.takes_requests())
+            || self.infos().any(|c| {
+                c.state == ChanState::Up
+                    && (!c.health.takes_requests()
+                        || self.active_server.is_some_and(|a| a != c.server))
+            })
+    }
+
+    /// Working channels to each server.
+    fn server_channels(&self) -> [u8; uapi::MAX_SERVERS] {
+        let mut n = [0u8; uapi::MAX_SERVERS];
+        for c in self.infos().filter(|c| c.state == ChanState::Up) {
+            if let Some(k) = n.get_mut(c.server as usize) {
+                *k = k.saturating_add(1);
+            }
+        }
+        n
     }
 
     /// Whether new requests are taken (possibly to wait for a channel).
@@ -195,6 +232,14 @@ impl Drop for ChanHandle {
         drop(self.tx.take());
         drop(self.rx.take());
     }
+}
+
+/// What the device knows of one server: what the helper last told it
+/// (`IOC_SERVERS`), and the payload bytes of the requests sent to it.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ServerInfo {
+    pub(crate) arg: ServerArg,
+    pub(crate) bytes: u64,
 }
 
 /// Proof that `Device::ctl` is held: it guards no data of its own, it
@@ -317,6 +362,9 @@ impl Device {
                     journal,
                     chans,
                     live: 0,
+                    servers: Default::default(),
+                    server_count: 0,
+                    active_server: None,
                     applied: false,
                     waiting_since: 0,
                     epoch: 0,
@@ -354,10 +402,35 @@ impl Device {
         }
     }
 
-    /// One channel's state and counters, and whether it is active.
-    pub(crate) fn chan_info(&self, id: usize) -> Option<(ChanInfo, bool)> {
+    /// One channel's state and counters, and its role: `active`,
+    /// `standby` (it leads to a server other than the chosen one),
+    /// `reserve` (a warm reserve without `CAN_MULTI_CONN`) or `-` (not up).
+    pub(crate) fn chan_info(&self, id: usize) -> Option<(ChanInfo, &'static str)> {
         let io = self.io.lock();
-        io.chans.get(id).map(|s| (s.info, io.is_active(id)))
+        io.chans.get(id).map(|s| {
+            let role = if s.info.state != ChanState::Up {
+                "-"
+            } else if !io.is_active(id) {
+                "reserve"
+            } else if io.active_server.is_some_and(|a| a != s.info.server) {
+                "standby"
+            } else {
+                "active"
+            };
+            (s.info, role)
+        })
+    }
+
+    /// Server `id` as `IOC_SERVERS` described it, its counters, whether it
+    /// is the chosen one and its working channels; `None` past the last.
+    pub(crate) fn server_info(&self, id: usize) -> Option<(ServerInfo, bool, u8)> {
+        let io = self.io.lock();
+        if id >= io.server_count as usize {
+            return None;
+        }
+        let s = io.servers.get(id)?;
+        let chans = io.server_channels().get(id).copied().unwrap_or(0);
+        Some((*s, io.active_server == Some(id as u32), chans))
     }
 
     /// Takes a new request from blk-mq. Called in atomic context.
@@ -712,6 +785,9 @@ impl Device {
         io.state = DevState::Unconfigured;
         io.config = Config::default();
         io.applied = false;
+        io.servers = Default::default();
+        io.server_count = 0;
+        io.active_server = None;
         io.bump();
         drop(io);
         self.events.notify_all();
@@ -746,6 +822,7 @@ impl Device {
             uapi::IOC_ADD_SOCK => dev.ioctl_add_sock(this.into(), disk, arg),
             uapi::IOC_DISCONNECT => dev.ioctl_disconnect(disk),
             uapi::IOC_EJECT => dev.ioctl_eject(disk),
+            uapi::IOC_SERVERS => dev.ioctl_servers(arg),
             _ => Err(code::ENOTTY),
         }
     }
@@ -758,6 +835,7 @@ impl Device {
             epoch: io.epoch,
             size: io.config.size,
             token_rejects: io.token_rejects,
+            server_channels: io.server_channels(),
         }
     }
 
@@ -811,6 +889,64 @@ impl Device {
         writer.write_slice(&cfg.to_bytes())
     }
 
+    /// Takes the helper's view of the servers: addresses and RTTs to show,
+    /// and the server whose channels should carry the requests.
+    fn ioctl_servers(&self, arg: usize) -> Result {
+        let mut raw = [0u8; ServersArg::SIZE];
+        UserSlice::new(arg, ServersArg::SIZE)
+            .reader()
+            .read_slice(&mut raw)?;
+        let a = ServersArg::from_bytes(&raw);
+        if let Err(e) = a.validate() {
+            pr_warn!("enbd{}: server list refused: {}\n", self.index, e);
+            return Err(code::EINVAL);
+        }
+        let moved = {
+            let mut io = self.io.lock();
+            if matches!(io.state, DevState::Unconfigured | DevState::Closing) {
+                return Err(sys::enotconn());
+            }
+            if !crate::token_eq(&a.token, &io.config.token) {
+                io.token_rejects += 1;
+                return Err(code::EACCES);
+            }
+            let n = a.count as usize;
+            for (i, s) in io.servers.iter_mut().enumerate() {
+                match a.servers.get(i).filter(|_| i < n) {
+                    Some(arg) => s.arg = *arg,
+                    None => *s = ServerInfo::default(),
+                }
+            }
+            io.server_count = a.count;
+            let active = (a.active != uapi::NO_SERVER).then_some(a.active);
+            let moved = io.active_server != active;
+            io.active_server = active;
+            moved.then(|| {
+                let rtt = active
+                    .and_then(|i| io.servers.get(i as usize))
+                    .map_or(0, |s| s.arg.rtt_us);
+                (active, rtt)
+            })
+        };
+        if let Some((active, rtt)) = moved {
+            // Standby channels may take requests now, or stop taking them.
+            self.work.notify_all();
+            match active {
+                Some(i) => pr_info!(
+                    "enbd{}: server {} now carries the I/O (probe RTT {} us)\n",
+                    self.index,
+                    i,
+                    rtt
+                ),
+                None => pr_info!(
+                    "enbd{}: no server chosen: every channel carries I/O\n",
+                    self.index
+                ),
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the configuration to the disk: queue limits, read-only flag
     /// and capacity. Done when the first channel arrives, so no I/O can reach
     /// a device that has nowhere to send it.
@@ -840,7 +976,10 @@ impl Device {
             .reader()
             .read_slice(&mut raw)?;
         let sa = SockArg::from_bytes(&raw);
-        if sa.flags & !uapi::SOCK_FLAGS != 0 || sa.flags == uapi::SOCK_FLAGS {
+        if sa.flags & !uapi::SOCK_FLAGS != 0
+            || sa.flags == uapi::SOCK_FLAGS
+            || sa.server as usize >= uapi::MAX_SERVERS
+        {
             return Err(code::EINVAL);
         }
         let mut ctl = self.ctl.lock();
@@ -890,7 +1029,7 @@ impl Device {
             let probe_len = cfg.size.min(u64::from(cfg.logical_block_size())) as u32;
             let mut io = self.io.lock();
             if let Some(s) = io.chans.get_mut(id) {
-                s.info = ChanInfo::up(serial, sys::now_ns(), probe_len, sa.flags);
+                s.info = ChanInfo::up(serial, sys::now_ns(), probe_len, sa.flags, sa.server);
                 // Threads follow below; until then the handle only owns the socket.
                 s.run = Some(ChanHandle {
                     chan: chan.clone(),

@@ -28,6 +28,9 @@ mod journal;
 #[path = "../../../userspace/enbd-core/src/ratelimit.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod ratelimit;
+#[path = "../../../userspace/enbd-core/src/replica.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod replica;
 #[path = "../../../userspace/enbd-core/src/uapi.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod uapi;

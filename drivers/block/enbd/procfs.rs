@@ -12,7 +12,7 @@ use kernel::sync::Arc;
 use crate::channel::ChanState;
 use crate::device::Device;
 use crate::sys::{self, Param, ProcShow, SeqWriter};
-use crate::uapi::name_str;
+use crate::uapi::{self, name_str};
 use crate::wire::tx;
 
 /// All devices of the module, as `/proc/nbdinfo` shows them.
@@ -116,8 +116,29 @@ impl ProcShow for Devices {
                 s.token_rejects,
                 s.gave_up,
             )?;
+            for id in 0..uapi::MAX_SERVERS {
+                let Some((srv, active, chans)) = dev.server_info(id) else {
+                    break;
+                };
+                write!(out, "enbd{} server id={} addr=", i, id)?;
+                name(out, &srv.arg.addr)?;
+                writeln!(
+                    out,
+                    " state={} role={} rtt_us={} probes={} channels={} bytes={}",
+                    match srv.arg.state {
+                        uapi::SERVER_UP => "up",
+                        uapi::SERVER_DOWN => "down",
+                        _ => "unknown",
+                    },
+                    if active { "active" } else { "standby" },
+                    srv.arg.rtt_us,
+                    srv.arg.probes,
+                    chans,
+                    srv.bytes,
+                )?;
+            }
             for id in 0..s.max_channels {
-                let Some((c, active)) = dev.chan_info(id) else {
+                let Some((c, role)) = dev.chan_info(id) else {
                     break;
                 };
                 if c.state == ChanState::Unused {
@@ -125,15 +146,12 @@ impl ProcShow for Devices {
                 }
                 writeln!(
                     out,
-                    "enbd{} channel id={} state={} role={} tls={} requests={} bytes={} errors={} resubmits={} spoiled={} probes={} latency_us={}",
+                    "enbd{} channel id={} server={} state={} role={} tls={} requests={} bytes={} errors={} resubmits={} spoiled={} probes={} latency_us={}",
                     i,
                     id,
+                    c.server,
                     c.state_name(),
-                    match (c.state, active) {
-                        (ChanState::Up, true) => "active",
-                        (ChanState::Up, false) => "reserve",
-                        _ => "-",
-                    },
+                    role,
                     c.tls_name(),
                     c.requests,
                     c.bytes,

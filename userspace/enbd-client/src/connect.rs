@@ -147,9 +147,20 @@ impl Stream {
 
     /// Back to blocking without timeouts, as the kernel expects.
     fn clear_timeouts(&self) -> std::io::Result<()> {
+        self.set_timeouts(None)
+    }
+
+    /// Read and write timeouts (`None`: block for ever).
+    pub fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.set_read_timeout(None),
-            Stream::Unix(s) => s.set_read_timeout(None),
+            Stream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
         }
     }
 }
@@ -504,6 +515,10 @@ pub struct Session {
     /// Longest wait between reconnection attempts.
     pub retry_max: Duration,
     pub tls: Option<TlsOpts>,
+    /// Several servers share one writable backend (the user says so).
+    pub shared_backend: bool,
+    /// Longest interval between probe rounds of several servers.
+    pub probe_max: Duration,
 }
 
 /// Options of `connect`.
@@ -522,6 +537,24 @@ pub fn run(o: ConnectOpts) -> Result<()> {
     if o.session.channels == 0 {
         bail!("--channels must be at least 1");
     }
+    let n = o.session.targets.len();
+    if n > uapi::MAX_SERVERS {
+        bail!("at most {} servers per device", uapi::MAX_SERVERS);
+    }
+    for (i, t) in o.session.targets.iter().enumerate() {
+        if o.session.targets[..i].contains(t) {
+            bail!("server {t} is given twice");
+        }
+    }
+    let mut session = o.session.clone();
+    if session.channels < n as u32 {
+        info!(
+            "{n} servers: opening {n} channels, one to each (--channels {})",
+            session.channels
+        );
+        session.channels = n as u32;
+    }
+    let o = ConnectOpts { session, ..o };
     let dev = EnbdDev::open(&o.device)?;
     let st = dev.status()?;
     if DevState::from_u32(st.state) != Some(DevState::Unconfigured) {
@@ -554,8 +587,17 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         streams.push(s);
     }
     let info = first.context("no channel")?;
-    if let Some(msg) = multi_conn_note(o.session.channels, info.flags) {
-        info!("{msg}");
+    if n > 1 && info.flags & tx::READ_ONLY == 0 && !o.session.shared_backend {
+        bail!(
+            "export '{}' is writable: several servers may serve it only if they share one \
+             backend (say so with --shared-backend); replicas of an image must be read-only",
+            o.session.export
+        );
+    }
+    if n == 1 {
+        if let Some(msg) = multi_conn_note(o.session.channels, info.flags) {
+            info!("{msg}");
+        }
     }
     let server = o.session.targets[0].to_string();
     let cfg = dev.configure(&device_config(&info, &server, &o.session.export)?)?;
@@ -571,7 +613,7 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         return Err(e);
     }
     let mut proxied = 0;
-    for s in streams {
+    for (i, s) in streams.into_iter().enumerate() {
         if matches!(s, Handoff::Proxy(_)) {
             // Its proxy thread would not survive the fork into the
             // background; the helper opens these channels itself.
@@ -581,10 +623,18 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         }
         let added = s
             .ready()
-            .and_then(|s| Ok(dev.add_sock(s.fd(), s.flags(), &cfg.token)?));
+            .and_then(|s| Ok(dev.add_sock(s.fd(), s.flags(), i % n, &cfg.token)?));
         if let Err(e) = added {
             let _ = dev.eject();
             return Err(e);
+        }
+    }
+    if n > 1 {
+        // Every channel carries until the helper's first probe round.
+        let arg = crate::replicas::View::new(n).servers_arg(&o.session.targets, cfg.token);
+        if let Err(e) = dev.set_servers(&arg) {
+            let _ = dev.eject();
+            return Err(e.into());
         }
     }
     if proxied > 0 {
@@ -594,10 +644,11 @@ pub fn run(o: ConnectOpts) -> Result<()> {
         );
     }
     drop(dev);
+    let servers: Vec<String> = o.session.targets.iter().map(ToString::to_string).collect();
     println!(
         "{}: connected to {} export '{}', {} bytes, {} channel(s)",
         o.device.display(),
-        server,
+        servers.join(" "),
         o.session.export,
         cfg.size,
         o.session.channels

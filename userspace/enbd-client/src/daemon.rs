@@ -14,15 +14,17 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use enbd_core::replica::{self, PROBE_MAX_MS};
 use enbd_core::uapi::{DevState, TOKEN_LEN};
 use tracing::{error, info, warn};
 
 use crate::connect::{open_channel, Fallback, Session, Target, TlsOpts};
 use crate::ioctl::{EnbdDev, IoctlError};
+use crate::replicas::View;
 
 /// Where runtime files live; `ENBD_RUN_DIR` overrides it.
 pub fn run_dir() -> PathBuf {
@@ -79,13 +81,15 @@ impl State {
             .map(ToString::to_string)
             .collect();
         let mut s = format!(
-            "device={}\ntargets={}\nexport={}\nchannels={}\ntimeout_ms={}\nretry_max_ms={}\nsize={}\nflags={}\ntoken={}\n",
+            "device={}\ntargets={}\nexport={}\nchannels={}\ntimeout_ms={}\nretry_max_ms={}\nshared_backend={}\nprobe_max_ms={}\nsize={}\nflags={}\ntoken={}\n",
             self.device.display(),
             targets.join(" "),
             self.session.export,
             self.session.channels,
             self.session.timeout.as_millis(),
             self.session.retry_max.as_millis(),
+            u8::from(self.session.shared_backend),
+            self.session.probe_max.as_millis(),
             self.size,
             self.flags,
             hex(&self.token)
@@ -147,6 +151,11 @@ impl State {
                 timeout: Duration::from_millis(num("timeout_ms")?),
                 retry_max: Duration::from_millis(num("retry_max_ms")?),
                 tls,
+                // Absent from the state files of older helpers.
+                shared_backend: num("shared_backend").is_ok_and(|v| v == 1),
+                probe_max: Duration::from_millis(
+                    num("probe_max_ms").unwrap_or(u64::from(PROBE_MAX_MS)),
+                ),
             },
             size: num("size")?,
             flags: u16::try_from(num("flags")?)?,
@@ -316,11 +325,25 @@ pub fn helper(state: &State) -> Result<()> {
         std::process::id(),
     );
     let mut backoff = Backoff::new(state.session.retry_max);
+    let targets = &state.session.targets;
+    // Several servers: a prober thread measures them and picks the one
+    // that carries the I/O; replacement channels go to servers it found
+    // answering.
+    let view = Arc::new(Mutex::new(View::new(targets.len())));
+    let stop_prober = Arc::new(AtomicBool::new(false));
+    if targets.len() > 1 {
+        let (v, stop) = (view.clone(), stop_prober.clone());
+        let (pdev, s) = (EnbdDev::open(&state.device)?, state.session.clone());
+        let (size, token, t) = (state.size, state.token, targets.clone());
+        std::thread::Builder::new()
+            .name("prober".into())
+            .spawn(move || crate::replicas::run(pdev, t, s, size, token, v, stop))
+            .context("cannot start the prober thread")?;
+    }
     let st = dev.status()?;
     let mut epoch = st.epoch;
     // The channels the helper believes up: fewer means channels were lost.
     let mut known = st.channels;
-    let mut next_target = 0usize;
     let mut lost_at: Option<Instant> = None;
     // SIGTERM/SIGINT asked for a disconnect, which has not happened yet.
     let mut disconnecting = false;
@@ -415,9 +438,14 @@ pub fn helper(state: &State) -> Result<()> {
         if !backoff.ready(now) {
             continue;
         }
-        let t = &state.session.targets[next_target % state.session.targets.len()];
-        next_target += 1;
-        match reconnect(&dev, state, t) {
+        let usable = view.lock().unwrap_or_else(|e| e.into_inner()).usable();
+        let have = &st.server_channels[..targets.len().min(st.server_channels.len())];
+        let Some(server) = replica::refill(wanted, have, &usable) else {
+            // Only servers that fail their probes miss channels.
+            continue;
+        };
+        let t = &targets[server];
+        match reconnect(&dev, state, t, server) {
             Ok(()) => {
                 backoff.connected(Instant::now());
                 known = st.channels + 1;
@@ -435,12 +463,13 @@ pub fn helper(state: &State) -> Result<()> {
             }
         }
     }
+    stop_prober.store(true, Ordering::Relaxed);
     State::remove(&state.device);
     let _ = fs::remove_file(pid_path(&state.device, false));
     Ok(())
 }
 
-fn reconnect(dev: &EnbdDev, state: &State, t: &Target) -> Result<()> {
+fn reconnect(dev: &EnbdDev, state: &State, t: &Target, server: usize) -> Result<()> {
     let (s, info) = open_channel(
         t,
         &state.session.export,
@@ -458,7 +487,7 @@ fn reconnect(dev: &EnbdDev, state: &State, t: &Target) -> Result<()> {
         );
     }
     let s = s.ready()?;
-    dev.add_sock(s.fd(), s.flags(), &state.token)?;
+    dev.add_sock(s.fd(), s.flags(), server, &state.token)?;
     Ok(())
 }
 
@@ -583,6 +612,8 @@ mod tests {
                 channels: 4,
                 timeout: Duration::from_secs(30),
                 retry_max: Duration::from_secs(5),
+                shared_backend: true,
+                probe_max: Duration::from_secs(4),
                 tls: Some(TlsOpts {
                     ca: "/etc/ca.pem".into(),
                     cert: None,
@@ -611,6 +642,8 @@ mod tests {
                 channels: 1,
                 timeout: Duration::from_secs(30),
                 retry_max: Duration::from_secs(5),
+                shared_backend: false,
+                probe_max: Duration::from_secs(60),
                 tls: Some(TlsOpts {
                     ca: "/ca.pem".into(),
                     cert: Some("/c.pem".into()),

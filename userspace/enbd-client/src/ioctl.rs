@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use enbd_core::uapi::{self, Config, SockArg, Status, WaitArg};
+use enbd_core::uapi::{self, Config, ServersArg, SockArg, Status, WaitArg};
 
 /// An ioctl that the kernel refused, with a message for users.
 #[derive(Debug, thiserror::Error)]
@@ -127,15 +127,24 @@ impl EnbdDev {
         &self,
         fd: RawFd,
         flags: u32,
+        server: usize,
         token: &[u8; uapi::TOKEN_LEN],
     ) -> Result<(), IoctlError> {
         let mut buf = SockArg {
             fd,
             flags,
+            server: server as u32,
             token: *token,
         }
         .to_bytes();
         self.ioctl("add-sock", uapi::IOC_ADD_SOCK, Some(&mut buf))
+    }
+
+    /// Tells the device its servers' addresses and RTTs, and which one
+    /// carries the I/O.
+    pub fn set_servers(&self, arg: &ServersArg) -> Result<(), IoctlError> {
+        let mut buf = arg.to_bytes();
+        self.ioctl("servers", uapi::IOC_SERVERS, Some(&mut buf))
     }
 
     /// Graceful disconnect: cached writes go out and in-flight requests

@@ -8,6 +8,7 @@ mod daemon;
 mod ioctl;
 mod negotiate;
 mod procinfo;
+mod replicas;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,7 +46,12 @@ enum Cmd {
         /// The device, for example /dev/enbd0.
         device: PathBuf,
         /// Server as HOST, HOST:PORT, [IPv6]:PORT or unix:/path (port 10809
-        /// by default). Several servers spread the channels over them.
+        /// by default). Several servers (at most 8) must offer the same
+        /// export, size and flags: replicas of a read-only image, or
+        /// gateways to one shared backend (--shared-backend). Each gets an
+        /// even share of the channels (at least one); the helper probes
+        /// their round-trip times and the fastest carries the I/O, the
+        /// others take over at once when its channels fail.
         #[arg(required = true)]
         servers: Vec<Target>,
         /// Export name (empty means the server's default export).
@@ -84,6 +90,16 @@ enum Cmd {
         /// of being handed in counts as a failed attempt).
         #[arg(long, default_value_t = 5.0)]
         retry_max: f64,
+        /// The servers given share one writable backend (NBD gateways in
+        /// front of one Ceph RBD image, say), so any of them may take any
+        /// request. Without it several servers need a read-only export.
+        #[arg(long)]
+        shared_backend: bool,
+        /// Longest interval between probe rounds of several servers, in
+        /// seconds (rounds start 2 s apart and double while nothing
+        /// changes).
+        #[arg(long, default_value_t = 60.0)]
+        probe_max: f64,
         /// Stay in the foreground instead of forking into the background.
         #[arg(short, long)]
         foreground: bool,
@@ -239,11 +255,16 @@ fn run(cli: Cli) -> Result<()> {
             key,
             tls_hostname,
             tls_fallback,
+            shared_backend,
+            probe_max,
             foreground,
             log,
         } => {
             if !(0.1..=3600.0).contains(&retry_max) {
                 anyhow::bail!("--retry-max must be between 0.1 and 3600 seconds");
+            }
+            if !(2.0..=3600.0).contains(&probe_max) {
+                anyhow::bail!("--probe-max must be between 2 and 3600 seconds");
             }
             connect::run(ConnectOpts {
                 device,
@@ -253,6 +274,8 @@ fn run(cli: Cli) -> Result<()> {
                     channels,
                     timeout: Duration::from_secs(timeout),
                     retry_max: Duration::from_secs_f64(retry_max),
+                    shared_backend,
+                    probe_max: Duration::from_secs_f64(probe_max),
                     tls: match (tls, ca) {
                         (true, Some(ca)) => Some(TlsOpts {
                             ca,
@@ -333,6 +356,29 @@ mod tests {
         enbd0 channel id=0 state=up role=active tls=none requests=5\n\
         enbd0 channel id=1 state=up role=reserve tls=none requests=0\n\
         enbd1 state=unconfigured size=0\n";
+
+    #[test]
+    fn status_lists_each_server() {
+        let text = "# enbd 0.2.0 nr_devices=1\n\
+            enbd0 state=connected size=4096 server=a:1 channels=2\n\
+            enbd0 server id=0 addr=a:1 state=up role=active rtt_us=5210 probes=7 channels=1 bytes=8192\n\
+            enbd0 server id=1 addr=b:1 state=down role=standby rtt_us=134217727 probes=7 channels=0 bytes=0\n\
+            enbd0 channel id=0 server=0 state=up role=active tls=none requests=2\n\
+            enbd0 channel id=1 server=1 state=up role=standby tls=none requests=0\n";
+        let out = render_status(text, None).unwrap();
+        assert!(
+            out.contains("    server: id 0, addr a:1, state up, role active, rtt_us 5210, probes 7, channels 1, bytes 8192\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("    server: id 1, addr b:1, state down, role standby"),
+            "{out}"
+        );
+        assert!(
+            out.contains("    channel 1 (standby): server 1, state up"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn status_shows_roles_and_gave_up() {

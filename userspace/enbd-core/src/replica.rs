@@ -106,6 +106,46 @@ pub fn choose(current: Option<usize>, rtts: &[Rtt]) -> Option<usize> {
     }
 }
 
+/// Whether a channel to server `server` takes requests, `active` being the
+/// chosen server (if any) and `active_can` whether some channel to it takes
+/// requests now. The chosen server's channels carry the I/O; the others are
+/// warm standbys that take over at once, with no help from userspace,
+/// while none of the chosen server's can (all dead, or suspect because a
+/// request timed out), so a failover never waits for the next probe round.
+pub fn carries(server: u32, active: Option<u32>, active_can: bool) -> bool {
+    match active {
+        None => true,
+        Some(a) => server == a || !active_can,
+    }
+}
+
+/// How many of `channels` channels server `i` of `n` should have: an even
+/// share, the first servers taking one more when it does not divide.
+pub fn share(channels: u32, n: usize, i: usize) -> u32 {
+    let n32 = n.max(1) as u32;
+    channels / n32 + u32::from((i as u32) < channels % n32)
+}
+
+/// The server the next replacement channel should go to: of those with
+/// fewer working channels (`have`) than their [`share`] and not known to be
+/// down (`usable`), the one missing the most, the first of equals. `None`
+/// when no usable server misses a channel.
+pub fn refill(channels: u32, have: &[u8], usable: &[bool]) -> Option<usize> {
+    let n = have.len();
+    let mut best: Option<(usize, u32)> = None;
+    for (i, &h) in have.iter().enumerate() {
+        let missing = share(channels, n, i).saturating_sub(u32::from(h));
+        if missing == 0 || !usable.get(i).copied().unwrap_or(true) {
+            continue;
+        }
+        match best {
+            Some((_, m)) if m >= missing => {}
+            _ => best = Some((i, missing)),
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 /// First and shortest interval between probe rounds, in milliseconds; also
 /// the interval in panic mode.
 pub const PROBE_MIN_MS: u32 = 2_000;
@@ -169,6 +209,33 @@ mod tests {
 
     fn ms(n: u32) -> u32 {
         n * 1000
+    }
+
+    #[test]
+    fn channels_are_shared_evenly_and_refilled_where_missing() {
+        assert_eq!(
+            (0..3).map(|i| share(4, 3, i)).collect::<Vec<_>>(),
+            [2, 1, 1]
+        );
+        assert_eq!(share(3, 1, 0), 3);
+        assert_eq!(refill(3, &[1, 1, 1], &[true; 3]), None);
+        assert_eq!(refill(3, &[1, 0, 1], &[true; 3]), Some(1));
+        assert_eq!(refill(4, &[0, 0, 1], &[true; 3]), Some(0), "misses 2");
+        // A server known to be down is not tried; the others are full.
+        assert_eq!(refill(3, &[1, 0, 1], &[true, false, true]), None);
+        assert_eq!(refill(6, &[1, 0, 2], &[true, false, true]), Some(0));
+        // A single server: every missing channel goes to it.
+        assert_eq!(refill(2, &[1], &[]), Some(0));
+    }
+
+    #[test]
+    fn standby_channels_carry_only_while_the_chosen_server_cannot() {
+        assert!(carries(0, None, false));
+        assert!(carries(2, None, true));
+        assert!(carries(1, Some(1), true));
+        assert!(carries(1, Some(1), false));
+        assert!(!carries(0, Some(1), true));
+        assert!(carries(0, Some(1), false));
     }
 
     #[test]

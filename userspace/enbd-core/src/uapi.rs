@@ -41,11 +41,20 @@ pub const IOC_STATUS: u32 = ioc(IOC_READ, 5, Status::SIZE);
 /// up or went down, or the state changed) or `timeout_ms` passed.
 /// In/out: [`WaitArg`]; on return its `status` is current.
 pub const IOC_WAIT: u32 = ioc(IOC_READ | IOC_WRITE, 6, WaitArg::SIZE);
+/// Tell the device about its servers (multi-server mode): their addresses
+/// and measured RTTs, for `/proc/nbdinfo`, and which one carries the I/O.
+/// In: [`ServersArg`].
+pub const IOC_SERVERS: u32 = ioc(IOC_WRITE, 7, ServersArg::SIZE);
 
 /// Length of the device token in bytes (128 bits).
 pub const TOKEN_LEN: usize = 16;
 /// Length of the server and export name fields, NUL-padded.
 pub const NAME_LEN: usize = 64;
+
+/// Most servers one device knows (`SockArg::server` is below it).
+pub const MAX_SERVERS: usize = 8;
+/// `ServersArg::active` when no server is preferred: every channel carries.
+pub const NO_SERVER: u32 = u32::MAX;
 
 /// Smallest logical block size a device accepts.
 pub const MIN_BLOCK_SIZE: u32 = 512;
@@ -108,6 +117,8 @@ pub enum ArgError {
     Reserved,
     /// A name is not NUL-terminated.
     Name,
+    /// A server index or count out of range.
+    Server,
 }
 
 impl core::fmt::Display for ArgError {
@@ -120,6 +131,7 @@ impl core::fmt::Display for ArgError {
             ArgError::Size => "size must be a multiple of the block size and below 2^63",
             ArgError::Reserved => "reserved field set",
             ArgError::Name => "name not NUL-terminated",
+            ArgError::Server => "server index or count out of range",
         })
     }
 }
@@ -299,13 +311,16 @@ pub struct SockArg {
     pub fd: i32,
     /// `SOCK_KTLS` or `SOCK_TLS_PROXY` (shown in `/proc/nbdinfo`), or 0.
     pub flags: u32,
+    /// Which of the device's servers the socket leads to, below
+    /// [`MAX_SERVERS`]; 0 with a single server.
+    pub server: u32,
     /// The token `IOC_CONFIGURE` returned.
     pub token: [u8; TOKEN_LEN],
 }
 
 impl SockArg {
     /// Size of the encoded argument.
-    pub const SIZE: usize = 4 + 4 + TOKEN_LEN;
+    pub const SIZE: usize = 4 + 4 + 4 + TOKEN_LEN;
 
     /// Encodes the argument.
     pub fn to_bytes(self) -> [u8; Self::SIZE] {
@@ -316,6 +331,7 @@ impl SockArg {
         };
         o.put(&self.fd.to_ne_bytes());
         o.put(&self.flags.to_ne_bytes());
+        o.put(&self.server.to_ne_bytes());
         o.put(&self.token);
         buf
     }
@@ -326,6 +342,7 @@ impl SockArg {
         Self {
             fd: i32::from_ne_bytes(c.take()),
             flags: c.u32(),
+            server: c.u32(),
             token: c.take(),
         }
     }
@@ -347,11 +364,13 @@ pub struct Status {
     pub size: u64,
     /// Socket handoffs refused for a wrong token.
     pub token_rejects: u64,
+    /// Working channels to each server (by `SockArg::server`).
+    pub server_channels: [u8; MAX_SERVERS],
 }
 
 impl Status {
     /// Size of the encoded argument.
-    pub const SIZE: usize = 4 * 4 + 8 * 2;
+    pub const SIZE: usize = 4 * 4 + 8 * 2 + MAX_SERVERS;
 
     /// Encodes the argument.
     pub fn to_bytes(self) -> [u8; Self::SIZE] {
@@ -366,6 +385,7 @@ impl Status {
         o.put(&self.epoch.to_ne_bytes());
         o.put(&self.size.to_ne_bytes());
         o.put(&self.token_rejects.to_ne_bytes());
+        o.put(&self.server_channels);
         buf
     }
 
@@ -379,6 +399,7 @@ impl Status {
             epoch: c.u32(),
             size: c.u64(),
             token_rejects: c.u64(),
+            server_channels: c.take(),
         }
     }
 }
@@ -425,20 +446,135 @@ impl WaitArg {
     }
 }
 
+/// `ServerArg::state`: not probed yet.
+pub const SERVER_UNKNOWN: u32 = 0;
+/// `ServerArg::state`: the last probes were answered.
+pub const SERVER_UP: u32 = 1;
+/// `ServerArg::state`: the helper cannot reach it.
+pub const SERVER_DOWN: u32 = 2;
+
+/// One server of [`ServersArg`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerArg {
+    /// Address, NUL-terminated, for `/proc/nbdinfo` only.
+    pub addr: [u8; NAME_LEN],
+    /// Average probe round trip in microseconds; 0 if not measured.
+    pub rtt_us: u32,
+    /// Probes sent so far.
+    pub probes: u32,
+    /// `SERVER_UNKNOWN`, `SERVER_UP` or `SERVER_DOWN`.
+    pub state: u32,
+}
+
+impl Default for ServerArg {
+    fn default() -> Self {
+        Self {
+            addr: [0; NAME_LEN],
+            rtt_us: 0,
+            probes: 0,
+            state: SERVER_UNKNOWN,
+        }
+    }
+}
+
+impl ServerArg {
+    const SIZE: usize = NAME_LEN + 3 * 4;
+}
+
+/// Argument of [`IOC_SERVERS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServersArg {
+    /// The token `IOC_CONFIGURE` returned.
+    pub token: [u8; TOKEN_LEN],
+    /// Servers described, 1..=[`MAX_SERVERS`]; the rest of `servers` is
+    /// ignored.
+    pub count: u32,
+    /// The server whose channels carry the requests while any of them can,
+    /// or [`NO_SERVER`].
+    pub active: u32,
+    pub servers: [ServerArg; MAX_SERVERS],
+}
+
+impl ServersArg {
+    /// Size of the encoded argument.
+    pub const SIZE: usize = TOKEN_LEN + 2 * 4 + MAX_SERVERS * ServerArg::SIZE;
+
+    /// Encodes the argument.
+    pub fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut buf = [0u8; Self::SIZE];
+        let mut o = Out {
+            buf: &mut buf,
+            pos: 0,
+        };
+        o.put(&self.token);
+        o.put(&self.count.to_ne_bytes());
+        o.put(&self.active.to_ne_bytes());
+        for s in &self.servers {
+            o.put(&s.addr);
+            o.put(&s.rtt_us.to_ne_bytes());
+            o.put(&s.probes.to_ne_bytes());
+            o.put(&s.state.to_ne_bytes());
+        }
+        buf
+    }
+
+    /// Decodes the argument.
+    pub fn from_bytes(buf: &[u8; Self::SIZE]) -> Self {
+        let mut c = Cursor { buf, pos: 0 };
+        let token = c.take();
+        let count = c.u32();
+        let active = c.u32();
+        let mut servers = [ServerArg::default(); MAX_SERVERS];
+        for s in &mut servers {
+            s.addr = c.take();
+            s.rtt_us = c.u32();
+            s.probes = c.u32();
+            s.state = c.u32();
+        }
+        Self {
+            token,
+            count,
+            active,
+            servers,
+        }
+    }
+
+    /// Checks what the kernel relies on: a count in range, an active server
+    /// among them (or none), known states and NUL-terminated addresses.
+    pub fn validate(&self) -> Result<(), ArgError> {
+        let n = self.count as usize;
+        if n == 0 || n > MAX_SERVERS || (self.active != NO_SERVER && self.active >= self.count) {
+            return Err(ArgError::Server);
+        }
+        for s in &self.servers[..n] {
+            if !s.addr.contains(&0) {
+                return Err(ArgError::Name);
+            }
+            if s.state > SERVER_DOWN {
+                return Err(ArgError::Reserved);
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ioctl_numbers_are_stable() {
-        // _IOWR(0xEB, 1, 168), _IOW(0xEB, 2, 24), _IO(0xEB, 3), _IO(0xEB, 4), _IOR(0xEB, 5, 32)
+        // _IOWR(0xEB, 1, 168), _IOW(0xEB, 2, 28), _IO(0xEB, 3), _IO(0xEB, 4),
+        // _IOR(0xEB, 5, 40), _IOWR(0xEB, 6, 48), _IOW(0xEB, 7, 632)
         assert_eq!(Config::SIZE, 168);
         assert_eq!(IOC_CONFIGURE, 0xC0A8_EB01);
-        assert_eq!(IOC_ADD_SOCK, 0x4018_EB02);
+        assert_eq!(IOC_ADD_SOCK, 0x401C_EB02);
         assert_eq!(IOC_DISCONNECT, 0x0000_EB03);
         assert_eq!(IOC_EJECT, 0x0000_EB04);
-        assert_eq!(IOC_STATUS, 0x8020_EB05);
-        assert_eq!(IOC_WAIT, 0xC028_EB06);
+        assert_eq!(IOC_STATUS, 0x8028_EB05);
+        assert_eq!(IOC_WAIT, 0xC030_EB06);
+        assert_eq!(ServersArg::SIZE, 632);
+        assert_eq!(IOC_SERVERS, 0x4278_EB07);
     }
 
     #[test]
@@ -486,6 +622,7 @@ mod tests {
         let s = SockArg {
             fd: -3,
             flags: 0,
+            server: 2,
             token: [0xaa; TOKEN_LEN],
         };
         assert_eq!(SockArg::from_bytes(&s.to_bytes()), s);
@@ -496,6 +633,7 @@ mod tests {
             epoch: 9,
             size: 5 << 30,
             token_rejects: 2,
+            server_channels: [1, 2, 0, 0, 0, 0, 0, 9],
         };
         assert_eq!(Status::from_bytes(&st.to_bytes()), st);
         assert_eq!(DevState::from_u32(st.state), Some(DevState::Connected));
@@ -506,5 +644,43 @@ mod tests {
             status: st,
         };
         assert_eq!(WaitArg::from_bytes(&w.to_bytes()), w);
+    }
+
+    #[test]
+    fn servers_round_trip_and_validation() {
+        let mut a = ServersArg {
+            token: [3; TOKEN_LEN],
+            count: 3,
+            active: 1,
+            ..ServersArg::default()
+        };
+        for (i, s) in a.servers.iter_mut().enumerate() {
+            s.addr = name_field(format!("10.99.{i}.2:10809").as_bytes());
+            s.rtt_us = 1000 * i as u32;
+            s.probes = i as u32;
+            s.state = SERVER_UP;
+        }
+        assert_eq!(ServersArg::from_bytes(&a.to_bytes()), a);
+        assert_eq!(a.validate(), Ok(()));
+        a.active = NO_SERVER;
+        assert_eq!(a.validate(), Ok(()));
+        a.active = 3;
+        assert_eq!(a.validate(), Err(ArgError::Server));
+        a.active = 0;
+        for bad in [0, MAX_SERVERS as u32 + 1, u32::MAX] {
+            a.count = bad;
+            assert_eq!(a.validate(), Err(ArgError::Server), "count {bad}");
+        }
+        a.count = 3;
+        a.servers[2].state = 3;
+        assert_eq!(a.validate(), Err(ArgError::Reserved));
+        a.servers[2].state = SERVER_DOWN;
+        a.servers[1].addr = [b'x'; NAME_LEN];
+        assert_eq!(a.validate(), Err(ArgError::Name));
+        // Only the described servers are checked.
+        a.servers[1].addr = name_field(b"h");
+        a.servers[5].addr = [b'x'; NAME_LEN];
+        a.servers[5].state = 77;
+        assert_eq!(a.validate(), Ok(()));
     }
 }

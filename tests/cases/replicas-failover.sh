@@ -1,0 +1,53 @@
+# three read-only replicas under verified random reads: the active one is killed, then the next one stalls (100% loss): 0 errors, every block right, no read longer than request_timeout + 1 s
+# timeout: 600
+load_enbd request_timeout=5
+head -c 64M /dev/urandom >/tmp/replica.img
+delay=([1]=2 [2]=10 [3]=20)
+for i in 1 2 3; do
+	setup_replica "$i" "${delay[$i]}"
+	# Each server locks its writable image: one per server.
+	make_backing "/tmp/rw$i.img" 16
+	start_replica "$i" disk=/tmp/replica.img,ro "rw=/tmp/rw$i.img"
+done
+# Writable exports on several servers only with --shared-backend.
+must_fail "writable.*--shared-backend" "$CLIENT" connect /dev/enbd0 10.99.11.2 10.99.12.2 --export rw --foreground
+expect_eq "$(proc_field enbd0 state)" unconfigured "state after the refused connect"
+must_fail "given twice" "$CLIENT" connect /dev/enbd0 10.99.11.2 10.99.11.2:10809 --export disk --foreground
+run "$CLIENT" connect /dev/enbd0 10.99.11.2 10.99.12.2 10.99.13.2 --export disk \
+	--probe-max 4 --retry-max 1 --log /tmp/enbd-client-enbd0.log
+wait_for 30 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=0 .*role=active"' ||
+	fail "server 0 (2 ms) was not chosen: $(grep '^enbd0 server' /proc/nbdinfo)"
+rm -f /tmp/rv.stop /tmp/rv.rc
+(
+	python3 "$ENBD_ROOT/tests/tools/readverify.py" /dev/enbd0 /tmp/replica.img --seconds 5 \
+		--threads 8 --until /tmp/rv.stop >/tmp/rv.out 2>&1
+	echo $? >/tmp/rv.rc
+) &
+sleep 5
+r0=$(tag_field enbd0 stats resubmits)
+run kill -9 "${REPLICA_PID[1]}"
+wait_for 40 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=1 .*role=active"' ||
+	fail "the I/O did not move to server 1 after server 0 died: $(grep '^enbd0 server' /proc/nbdinfo)"
+grep '^enbd0' /proc/nbdinfo
+r1=$(tag_field enbd0 stats resubmits)
+echo "resubmitted when server 0 died: $((r1 - r0))"
+[ $((r1 - r0)) -gt 0 ] || fail "nothing was in flight on server 0 when it died"
+sleep 5
+# Server 1 stops answering without closing anything.
+run ip netns exec r2 tc qdisc change dev vr2s root netem loss 100%
+wait_for 60 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=2 .*role=active"' ||
+	fail "the I/O did not move to server 2 after server 1 stalled: $(grep '^enbd0 server' /proc/nbdinfo)"
+sleep 5
+touch /tmp/rv.stop
+factor=${ENBD_TIME_FACTOR:-1}
+wait_for $((60 * factor)) test -f /tmp/rv.rc || { dump_stall; fail "readverify did not stop"; }
+cat /tmp/rv.out
+grep '^enbd0' /proc/nbdinfo
+[ "$(cat /tmp/rv.rc)" = 0 ] || fail "readverify found errors or wrong data"
+longest=$(sed -n 's/.*longest read \([0-9]*\) ms.*/\1/p' /tmp/rv.out)
+bound=$((6000 + (factor - 1) * 1000))
+echo "longest read $longest ms (bound: request_timeout + 1 s = $bound ms)"
+[ "$longest" -le "$bound" ] || fail "a read took $longest ms, more than request_timeout + 1 s"
+expect_eq "$(tag_field enbd0 stats errors)" 0 "I/O errors"
+expect_eq "$(server_field enbd0 0 state)" down "state of the killed server"
+run "$CLIENT" disconnect /dev/enbd0

@@ -1,0 +1,221 @@
+//! Multi-server mode: the helper measures each server's round-trip time
+//! and tells the device which one carries the I/O (dnbd3's replica
+//! selection; the rules are `enbd_core::replica`'s, shared with the proxy).
+//!
+//! A probe is what dnbd3's clients do: a fresh connection, the handshake,
+//! then one timed `READ` of a block; only the `READ` is timed, so a TLS
+//! handshake does not count as distance. Every server is probed in each
+//! round, the one in use too, on a schedule that backs off while nothing
+//! changes (`ProbeSchedule`, capped by `--probe-max`) and probes every 2 s
+//! while no server answers. The kernel does not wait for a round to fail
+//! over: while none of the chosen server's channels can take requests, the
+//! other servers' channels do (`replica::carries`).
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use enbd_core::replica::{self, ProbeSchedule, Round, Rtt};
+use enbd_core::uapi::{self, ServerArg, ServersArg, NO_SERVER};
+use enbd_core::wire::{Cmd, Request, SimpleReply};
+use tracing::{info, warn};
+
+use crate::connect::{open_channel, Handoff, Session, Target};
+use crate::ioctl::{EnbdDev, IoctlError};
+
+/// Bytes a probe reads (offset 0, so the server answers from its cache
+/// and the time is the network's).
+const PROBE_LEN: u64 = 4096;
+/// Longest a probe may take, connection and handshake included.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the prober found: each server's RTT and the chosen one. Shared
+/// with the helper's loop, which sends replacement channels only to
+/// servers that answer.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub rtts: Vec<Rtt>,
+    pub probes: Vec<u32>,
+    pub active: Option<usize>,
+}
+
+impl View {
+    pub fn new(n: usize) -> Self {
+        Self {
+            rtts: vec![Rtt::default(); n],
+            probes: vec![0; n],
+            active: None,
+        }
+    }
+
+    /// Whether a channel to server `i` is worth trying: it answered its
+    /// probes, or was not probed yet.
+    pub fn usable(&self) -> Vec<bool> {
+        self.rtts
+            .iter()
+            .map(|r| r.average().is_none() || r.usable())
+            .collect()
+    }
+
+    /// The device's argument for `IOC_SERVERS`.
+    pub fn servers_arg(&self, targets: &[Target], token: [u8; uapi::TOKEN_LEN]) -> ServersArg {
+        let mut a = ServersArg {
+            token,
+            count: targets.len().min(uapi::MAX_SERVERS) as u32,
+            active: self.active.map_or(NO_SERVER, |i| i as u32),
+            ..ServersArg::default()
+        };
+        for (i, (s, t)) in a.servers.iter_mut().zip(targets).enumerate() {
+            let r = self.rtts[i];
+            *s = ServerArg {
+                addr: uapi::name_field(t.to_string().as_bytes()),
+                rtt_us: r.average().unwrap_or(0),
+                probes: self.probes[i],
+                state: match r.average() {
+                    None => uapi::SERVER_UNKNOWN,
+                    Some(_) if r.usable() => uapi::SERVER_UP,
+                    Some(_) => uapi::SERVER_DOWN,
+                },
+            };
+        }
+        a
+    }
+}
+
+/// Reads or writes on a probe's connection, whatever carries TLS.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+/// One probe of `t`: connect and negotiate, then time a `READ`.
+pub fn probe(t: &Target, s: &Session, size: u64) -> Result<Duration> {
+    let (h, _) = open_channel(t, &s.export, PROBE_TIMEOUT, s.tls.as_ref())?;
+    let mut conn: Box<dyn Conn> = match h {
+        Handoff::Plain(st) => {
+            st.set_timeouts(Some(PROBE_TIMEOUT))?;
+            Box::new(st)
+        }
+        Handoff::Ktls(tcp) => {
+            tcp.set_read_timeout(Some(PROBE_TIMEOUT))?;
+            tcp.set_write_timeout(Some(PROBE_TIMEOUT))?;
+            Box::new(tcp)
+        }
+        Handoff::Proxy(b) => {
+            let (c, tcp) = *b;
+            tcp.set_read_timeout(Some(PROBE_TIMEOUT))?;
+            tcp.set_write_timeout(Some(PROBE_TIMEOUT))?;
+            Box::new(rustls::StreamOwned::new(c, tcp))
+        }
+    };
+    let len = PROBE_LEN.min(size) as u32;
+    let cookie = 0x656e_6264_7072_6f62; // "enbdprob"
+    let start = Instant::now();
+    conn.write_all(&Request::new(Cmd::Read, 0, cookie, 0, len).encode())
+        .context("sending the probe")?;
+    let mut hdr = [0u8; SimpleReply::LEN];
+    conn.read_exact(&mut hdr)
+        .context("reading the probe's reply")?;
+    let reply = SimpleReply::decode(&hdr).map_err(|e| anyhow::anyhow!("probe reply: {e:?}"))?;
+    if reply.cookie != cookie {
+        bail!("probe reply with a handle that was not sent");
+    }
+    if reply.error != 0 {
+        bail!("probe READ failed with NBD error {}", reply.error);
+    }
+    let mut data = vec![0u8; len as usize];
+    conn.read_exact(&mut data)
+        .context("reading the probe's data")?;
+    let rtt = start.elapsed();
+    let _ = conn.write_all(&Request::new(Cmd::Disc, 0, 0, 0, 0).encode());
+    Ok(rtt)
+}
+
+/// Probes every server, in parallel, once.
+fn round(targets: &[Target], s: &Session, size: u64) -> Vec<Result<Duration>> {
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = targets
+            .iter()
+            .map(|t| sc.spawn(move || probe(t, s, size)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("probe thread panicked")))
+            .collect()
+    })
+}
+
+/// The prober thread of a multi-server helper: probe rounds until `stop`,
+/// each ending with `IOC_SERVERS`. Returns if the device refuses the token.
+pub fn run(
+    dev: EnbdDev,
+    targets: Vec<Target>,
+    session: Session,
+    size: u64,
+    token: [u8; uapi::TOKEN_LEN],
+    view: Arc<Mutex<View>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut schedule = ProbeSchedule::default();
+    let max = session.probe_max;
+    while !stop.load(Ordering::Relaxed) {
+        let results = round(&targets, &session, size);
+        let (arg, outcome) = {
+            let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+            let before = v.usable();
+            for (i, r) in results.iter().enumerate() {
+                v.probes[i] += 1;
+                match r {
+                    Ok(d) => v.rtts[i].record(u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+                    Err(e) => {
+                        if v.rtts[i].usable() || v.rtts[i].average().is_none() {
+                            warn!("probe of {} failed: {e:#}", targets[i]);
+                        }
+                        v.rtts[i].record_failure();
+                    }
+                }
+            }
+            let chosen = replica::choose(v.active, &v.rtts);
+            let outcome = if chosen.is_none() {
+                Round::Panic
+            } else if chosen != v.active || v.usable() != before {
+                Round::Changed
+            } else {
+                Round::Stable
+            };
+            if chosen != v.active {
+                let ms = |i: Option<usize>| {
+                    i.and_then(|i| v.rtts[i].average())
+                        .map_or("-".into(), |us| format!("{:.1} ms", f64::from(us) / 1000.0))
+                };
+                match chosen {
+                    Some(c) => info!(
+                        "I/O moves to {} (RTT {}), from {}",
+                        targets[c],
+                        ms(chosen),
+                        v.active.map_or("none".into(), |a| format!(
+                            "{} (RTT {})",
+                            targets[a],
+                            ms(v.active)
+                        ))
+                    ),
+                    None => warn!("no server answers its probes: probing every 2 s"),
+                }
+                v.active = chosen;
+            }
+            (v.servers_arg(&targets, token), outcome)
+        };
+        match dev.set_servers(&arg) {
+            Ok(()) => {}
+            Err(e @ (IoctlError::BadToken { .. } | IoctlError::NotConnected { .. })) => {
+                warn!("{e}; the prober stops");
+                return;
+            }
+            Err(e) => warn!("cannot tell the device about its servers: {e}"),
+        }
+        let wait = Duration::from_millis(u64::from(schedule.after(outcome))).min(max);
+        let until = Instant::now() + wait;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+        }
+    }
+}
