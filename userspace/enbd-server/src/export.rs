@@ -354,10 +354,85 @@ impl Export {
     }
 }
 
+/// Name suffix of the export that serves an export's checksum sidecar.
+pub const CRC_SUFFIX: &str = ".crc";
+
+/// Read-only storage over bytes in memory: the sidecar behind a
+/// `NAME.crc` export.
+#[derive(Debug)]
+pub struct Bytes {
+    bytes: Vec<u8>,
+    path: PathBuf,
+}
+
+impl Bytes {
+    pub fn new(bytes: Vec<u8>, path: PathBuf) -> Self {
+        Self { bytes, path }
+    }
+}
+
+fn read_only_error() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::EPERM)
+}
+
+impl Storage for Bytes {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let src = usize::try_from(off)
+            .ok()
+            .and_then(|o| self.bytes.get(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&self, _: &[u8], _: u64, _: bool) -> std::io::Result<()> {
+        Err(read_only_error())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Err(read_only_error())
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Err(read_only_error())
+    }
+}
+
+/// The `NAME.crc` export of an export with checksums: the sidecar's bytes,
+/// read-only, for caching proxies (see `Documentation/server.md`).
+fn crc_export(spec: &ExportSpec, crc: &std::path::Path) -> anyhow::Result<Export> {
+    let sums = crate::checksum::Sums::load(crc)?;
+    let name = format!("{}{CRC_SUFFIX}", spec.name);
+    let desc = format!("block checksums of '{}'", spec.name);
+    let storage = Bytes::new(sums.encode(), crc.to_owned());
+    Ok(Export::with_storage(&name, &desc, Box::new(storage)))
+}
+
 /// All exports; the first is the default one (empty name).
 #[derive(Debug, Default)]
 pub struct Exports {
     exports: Vec<Arc<Export>>,
+    /// Exports not opened from a spec: the `NAME.crc` export of each export
+    /// with checksums, then the proxied exports (kept across reloads).
+    extra: Vec<Arc<Export>>,
+    /// How many of `extra` are proxied exports (at its end).
+    proxied: usize,
     /// What each export was opened from, and the (device, inode) of each
     /// of its images then, so a reload can tell an unchanged export from a
     /// changed one.
@@ -453,7 +528,51 @@ impl Exports {
             v.push(Arc::new(export));
             opened.push((s.clone(), ids));
         }
-        Ok(Self { exports: v, opened })
+        let mut extra = Vec::new();
+        for s in specs {
+            if let Some(crc) = &s.crc {
+                let e = crc_export(s, crc).map_err(|e| anyhow::anyhow!("export '{}': {e:#}", s.name))?;
+                if specs.iter().any(|o| o.name == e.name()) {
+                    anyhow::bail!(
+                        "export '{}' has checksums, so its sidecar is served as '{}': \
+                         that name is taken by another export",
+                        s.name,
+                        e.name()
+                    );
+                }
+                extra.push(Arc::new(e));
+            }
+        }
+        let proxied = old.extra[old.extra.len() - old.proxied..].to_vec();
+        let mut x = Self {
+            exports: v,
+            extra,
+            proxied: 0,
+            opened,
+        };
+        x.add_proxied(proxied)?;
+        Ok(x)
+    }
+
+    /// Adds exports that are not opened from specs (proxied ones); they
+    /// stay across reloads.
+    pub fn add_proxied(&mut self, v: Vec<Arc<Export>>) -> anyhow::Result<()> {
+        for e in v {
+            if self.find_named(e.name().as_bytes()).is_some() {
+                anyhow::bail!("export '{}' given twice", e.name());
+            }
+            self.extra.push(e);
+            self.proxied += 1;
+        }
+        Ok(())
+    }
+
+    fn find_named(&self, name: &[u8]) -> Option<Arc<Export>> {
+        self.exports
+            .iter()
+            .chain(&self.extra)
+            .find(|e| e.name.as_bytes() == name)
+            .cloned()
     }
 
     /// The specs the exports were opened from, in order.
@@ -470,16 +589,17 @@ impl Exports {
     /// Finds an export by name; the empty name selects the first export.
     pub fn find(&self, name: &[u8]) -> Option<Arc<Export>> {
         if name.is_empty() {
-            return self.exports.first().cloned();
+            return self
+                .exports
+                .first()
+                .or(self.extra[self.extra.len() - self.proxied..].first())
+                .cloned();
         }
-        self.exports
-            .iter()
-            .find(|e| e.name.as_bytes() == name)
-            .cloned()
+        self.find_named(name)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.exports.iter()
+        self.exports.iter().chain(&self.extra)
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod backend;
 mod budget;
+mod cache;
 mod checksum;
 mod config;
 mod export;
@@ -9,6 +10,7 @@ mod handshake;
 mod limits;
 mod link;
 mod listen;
+mod proxy;
 mod raid;
 #[cfg(test)]
 mod testutil;
@@ -62,7 +64,7 @@ struct Cli {
         short,
         long = "export",
         value_name = "SPEC",
-        required_unless_present = "config"
+        required_unless_present_any = ["config", "proxy_exports"]
     )]
     exports: Vec<ExportSpec>,
     /// A TOML file of exports and options; options given on the command
@@ -78,6 +80,30 @@ struct Cli {
     /// socket left at PATH is replaced; any other file there is an error.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Upstream NBD server (HOST:PORT) of the caching proxy; repeat for
+    /// more. The proxy serves each --proxy-export from a local cache filled
+    /// from the upstream with the shortest round trip, failing over to the
+    /// others.
+    #[arg(long = "proxy", value_name = "HOST:PORT", requires_all = ["cache_dir", "proxy_exports"])]
+    proxy_upstreams: Vec<String>,
+    /// An export to proxy from the upstreams, read-only, under its
+    /// upstream name; repeat for more.
+    #[arg(long = "proxy-export", value_name = "NAME", requires = "proxy_upstreams",
+          value_parser = parse_proxy_name)]
+    proxy_exports: Vec<String>,
+    /// Directory of the proxy's cache files (NAME.cache, NAME.map), kept
+    /// across restarts.
+    #[arg(long, value_name = "DIR", requires = "proxy_upstreams")]
+    cache_dir: Option<PathBuf>,
+    /// Seconds the proxy waits for an upstream to connect or to answer
+    /// before it tries the next one.
+    #[arg(long, default_value_t = 5, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    proxy_timeout: u64,
+    /// Fill each proxied export's whole cache in the background, fetching
+    /// at most RATE bytes a second (K, M, G suffixes).
+    #[arg(long, value_name = "RATE", requires = "proxy_upstreams", value_parser = budget::parse_size)]
+    replicate: Option<u64>,
     /// Do not listen on TCP.
     #[arg(long)]
     no_tcp: bool,
@@ -163,7 +189,10 @@ impl Shared {
         // Option errors first: they need no image opened (and locked).
         let tls = tls_policy(cli)?;
         let transmission = resources(cli)?;
-        let exports = Exports::open(&cli.exports)?;
+        let mut exports = Exports::open(&cli.exports)?;
+        if let Some(cfg) = proxy_config(cli) {
+            exports.add_proxied(proxy::open_exports(&cli.proxy_exports, &cfg)?)?;
+        }
         for e in exports.iter() {
             e.log_ready();
         }
@@ -197,6 +226,23 @@ impl Shared {
     fn lock_ktls(&self) -> std::sync::MutexGuard<'_, Vec<std::os::fd::RawFd>> {
         self.ktls_fds.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn parse_proxy_name(s: &str) -> Result<String, String> {
+    proxy::check_name(s).map(|()| s.to_owned())
+}
+
+/// The proxy's settings, when it proxies anything.
+fn proxy_config(cli: &Cli) -> Option<proxy::ProxyConfig> {
+    if cli.proxy_exports.is_empty() {
+        return None;
+    }
+    Some(proxy::ProxyConfig {
+        upstreams: cli.proxy_upstreams.clone(),
+        cache_dir: cli.cache_dir.clone()?,
+        timeout: Duration::from_secs(cli.proxy_timeout),
+        replicate: cli.replicate,
+    })
 }
 
 /// The memory budgets, checked against each other and the largest request.
@@ -344,6 +390,7 @@ fn handle(mut s: Link, peer: &str, shared: &Shared, slot: &mut limits::Slot) {
         return;
     }
     info!(%peer, export = export.name(), tls = s.is_tls(), structured = neg.structured, "serving");
+    let storage = export.clone();
     let served = s.into_bare().and_then(|bare| match bare {
         Bare::Tcp(mut t) => serve_plain(&mut t, export, neg, shared),
         Bare::Unix(mut u) => serve_plain(&mut u, export, neg, shared),
@@ -358,6 +405,9 @@ fn handle(mut s: Link, peer: &str, shared: &Shared, slot: &mut limits::Slot) {
             "disconnected"
         ),
         Err(e) => warn!(%peer, "connection closed: {e}"),
+    }
+    if let Some(r) = storage.backend().report() {
+        info!(%peer, "{r}");
     }
 }
 

@@ -1,0 +1,743 @@
+//! The caching proxy (`--proxy`): exports that live on upstream NBD
+//! servers, fetched on demand into a local cache (`cache.rs`) and served
+//! from it. Upstreams are chosen by round-trip time and hysteresis with
+//! `enbd_core::replica`, the logic the client uses; a failing upstream is
+//! left for the next. With the upstream's checksums (its `NAME.crc`
+//! export) every fetched block is checked before it is cached or served,
+//! and a bad one is fetched again from another upstream. Every cached read
+//! is checked against the chunk's CRC in the map, so a cache file changed
+//! underneath is caught at the next read and fetched again.
+//!
+//! `Documentation/server.md` ("The caching proxy") describes it for users.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use enbd_core::replica::{self, ProbeSchedule, Round, Rtt};
+use enbd_nbd::client::{ClientError, Conn};
+use tracing::{error, info, warn};
+
+use crate::backend::Storage;
+use crate::cache::{Cache, Header, CHUNK};
+use crate::checksum::Sums;
+use crate::export::{Export, CRC_SUFFIX};
+
+/// Locks that make concurrent misses of one fetch unit fetch it once.
+const LOCKS: usize = 64;
+/// Bytes asked for in one upstream `READ`.
+const PIECE: u64 = 4 << 20;
+/// Largest checksum sidecar accepted from an upstream (that of a 256 TiB
+/// image): the upstream is not trusted with our memory.
+const MAX_SIDECAR: u64 = 64 << 20;
+/// Bytes of the probe `READ` that measures an upstream's round trip.
+const PROBE_LEN: u64 = 4096;
+
+/// What the command line says about proxying.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Upstream servers, `HOST:PORT`, in order of preference among equals.
+    pub upstreams: Vec<String>,
+    /// Where each export's cache files live.
+    pub cache_dir: PathBuf,
+    /// Bound on each connect and each upstream read or write.
+    pub timeout: Duration,
+    /// Fill the whole cache in the background at this many bytes a second.
+    pub replicate: Option<u64>,
+}
+
+/// An export name the proxy can keep a cache for: it becomes a file name.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 255 - ".cache".len()
+        || name.contains('/')
+        || name.contains('\0')
+        || name.starts_with('.')
+    {
+        return Err(format!(
+            "'{name}': a proxied export's name must be a plain file name (not empty, no '/', \
+             not starting with '.')"
+        ));
+    }
+    Ok(())
+}
+
+/// The upstream servers of one export, with their round-trip times.
+#[derive(Debug)]
+struct Upstreams {
+    addrs: Vec<String>,
+    export: String,
+    size: u64,
+    timeout: Duration,
+    /// Which upstreams serve the export at our size: one of another size
+    /// (another image) is never used.
+    compatible: Vec<bool>,
+    sel: Mutex<Selection>,
+    /// Idle connections to each upstream, reused by the next fetch.
+    idle: Vec<Mutex<Vec<Conn>>>,
+}
+
+#[derive(Debug, Default)]
+struct Selection {
+    rtts: Vec<Rtt>,
+    current: Option<usize>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Upstreams {
+    fn connect(&self, i: usize) -> Result<Conn, ClientError> {
+        let c = Conn::connect(&self.addrs[i], &self.export, self.timeout)?;
+        if c.size() != self.size {
+            return Err(ClientError::Io(io::Error::other(format!(
+                "it now serves {} bytes, not {}",
+                c.size(),
+                self.size
+            ))));
+        }
+        Ok(c)
+    }
+
+    /// Runs `f` on a connection to upstream `i`: an idle one, and if that
+    /// fails on the connection (the upstream may have closed it while it
+    /// was idle) a new one. The connection goes back to the idle list
+    /// unless it failed.
+    fn with_conn<T>(
+        &self,
+        i: usize,
+        mut f: impl FnMut(&mut Conn) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let pooled = lock(&self.idle[i]).pop();
+        let mut tries = Vec::new();
+        if let Some(c) = pooled {
+            tries.push(Some(c));
+        }
+        tries.push(None);
+        let mut last = None;
+        for c in tries {
+            let mut c = match c {
+                Some(c) => c,
+                None => self.connect(i)?,
+            };
+            match f(&mut c) {
+                Ok(v) => {
+                    lock(&self.idle[i]).push(c);
+                    return Ok(v);
+                }
+                Err(e) if e.connection_ok() => {
+                    lock(&self.idle[i]).push(c);
+                    return Err(e);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Io(io::Error::other("no connection"))))
+    }
+
+    /// Reads `buf.len()` bytes at `off` from upstream `i`, in pieces.
+    fn read(&self, i: usize, buf: &mut [u8], off: u64) -> Result<(), ClientError> {
+        self.with_conn(i, |c| {
+            let mut done = 0usize;
+            while done < buf.len() {
+                let n = (buf.len() - done).min(PIECE as usize);
+                c.read(&mut buf[done..done + n], off + done as u64)?;
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// The upstreams to try, best first: the chosen one, then the usable
+    /// ones by RTT, then the others (they may have come back).
+    fn order(&self) -> Vec<usize> {
+        let sel = lock(&self.sel);
+        let mut v: Vec<usize> = (0..self.addrs.len())
+            .filter(|&i| self.compatible[i])
+            .collect();
+        let key = |i: usize| {
+            let r = &sel.rtts[i];
+            (
+                Some(i) != sel.current,
+                !r.usable(),
+                r.average().unwrap_or(u32::MAX),
+                i,
+            )
+        };
+        v.sort_by_key(|&i| key(i));
+        v
+    }
+
+    /// Records a failed exchange with upstream `i` and chooses again.
+    fn failed(&self, i: usize) {
+        let mut sel = lock(&self.sel);
+        sel.rtts[i].record_failure();
+        let next = replica::choose(sel.current, &sel.rtts);
+        if next != sel.current {
+            sel.current = next;
+            drop(sel);
+            self.log_choice(next);
+        }
+        lock(&self.idle[i]).clear();
+    }
+
+    fn log_choice(&self, c: Option<usize>) {
+        match c {
+            Some(i) => info!(export = %self.export, upstream = %self.addrs[i], "proxy: upstream chosen"),
+            None => warn!(export = %self.export, "proxy: no upstream answers"),
+        }
+    }
+
+    /// Times a small read on each upstream, records it, chooses again.
+    fn probe_round(&self) -> Round {
+        let mut times = Vec::with_capacity(self.addrs.len());
+        for i in 0..self.addrs.len() {
+            if !self.compatible[i] {
+                times.push(None);
+                continue;
+            }
+            let len = PROBE_LEN.min(self.size) as usize;
+            let mut buf = vec![0u8; len];
+            // Connecting is not part of the round trip: a connection is made
+            // first if none is idle.
+            let t = self.with_conn(i, |c| {
+                let start = Instant::now();
+                if len > 0 {
+                    c.read(&mut buf, 0)?;
+                }
+                Ok(start.elapsed())
+            });
+            times.push(t.ok());
+        }
+        let mut sel = lock(&self.sel);
+        let before: Vec<bool> = sel.rtts.iter().map(Rtt::usable).collect();
+        for (r, t) in sel.rtts.iter_mut().zip(&times) {
+            match t {
+                Some(t) => r.record(u32::try_from(t.as_micros()).unwrap_or(u32::MAX)),
+                None => r.record_failure(),
+            }
+        }
+        let after: Vec<bool> = sel.rtts.iter().map(Rtt::usable).collect();
+        let next = replica::choose(sel.current, &sel.rtts);
+        let moved = next != sel.current;
+        sel.current = next;
+        drop(sel);
+        if moved {
+            self.log_choice(next);
+        }
+        if next.is_none() {
+            Round::Panic
+        } else if moved || before != after {
+            Round::Changed
+        } else {
+            Round::Stable
+        }
+    }
+}
+
+/// A proxied export's storage; see the module's doc.
+#[derive(Debug)]
+pub struct Proxy(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    cache: Cache,
+    ups: Upstreams,
+    /// The upstream's block checksums, if it serves them.
+    sums: Option<Sums>,
+    /// Bytes of one fetch: a checksum block with sums, else a chunk.
+    unit: u64,
+    locks: Vec<Mutex<()>>,
+    stats: Stats,
+}
+
+/// Counters of one proxied export since it was opened.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes fetched from upstreams (whole fetch units, refetches included).
+    pub upstream_bytes: AtomicU64,
+    /// Bytes of READs served from chunks already in the cache.
+    pub cache_bytes: AtomicU64,
+    /// Cached chunks that failed their check and were fetched again.
+    pub cache_corrupt: AtomicU64,
+    /// Fetched blocks that failed the upstream's checksums.
+    pub upstream_bad: AtomicU64,
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+impl Proxy {
+    /// Opens proxied export `name`: asks the upstreams for its size (the
+    /// first that answers decides; one announcing another size is not
+    /// used) and its checksums, opens the cache, measures the upstreams'
+    /// round trips, and starts the probe thread (and the replication
+    /// thread with `cfg.replicate`).
+    pub fn open(name: &str, cfg: &ProxyConfig) -> Result<Self> {
+        check_name(name).map_err(anyhow::Error::msg)?;
+        if cfg.upstreams.is_empty() {
+            anyhow::bail!("export '{name}': no upstream server given");
+        }
+        std::fs::create_dir_all(&cfg.cache_dir).with_context(|| {
+            format!("cannot create the cache directory {}", cfg.cache_dir.display())
+        })?;
+        let n = cfg.upstreams.len();
+        let mut size = None;
+        let mut compatible = vec![false; n];
+        let mut conns: Vec<Option<Conn>> = Vec::new();
+        let mut errors = Vec::new();
+        for (i, a) in cfg.upstreams.iter().enumerate() {
+            match Conn::connect(a, name, cfg.timeout) {
+                Ok(c) => {
+                    let s = *size.get_or_insert(c.size());
+                    if c.size() == s {
+                        compatible[i] = true;
+                        conns.push(Some(c));
+                    } else {
+                        warn!(
+                            export = name,
+                            upstream = %a,
+                            "proxy: this upstream serves {} bytes, another {s}: not used",
+                            c.size()
+                        );
+                        conns.push(None);
+                    }
+                }
+                Err(e) => {
+                    warn!(export = name, upstream = %a, "proxy: {e}");
+                    errors.push(e.to_string());
+                    // Not reachable now; used once it answers with our size.
+                    compatible[i] = true;
+                    conns.push(None);
+                }
+            }
+        }
+        let Some(size) = size else {
+            anyhow::bail!(
+                "export '{name}': no upstream answered: {}",
+                errors.join("; ")
+            );
+        };
+        let sums = fetch_sums(name, cfg, size, &compatible);
+        let sums_digest = sums.as_ref().map_or(0, |s| crc32c::crc32c(&s.encode()));
+        let unit = sums.as_ref().map_or(CHUNK, Sums::block_size);
+        let header = Header {
+            chunk: CHUNK as u32,
+            image_size: size,
+            sums_digest,
+        };
+        let cache = Cache::open(&cfg.cache_dir, name, header)
+            .with_context(|| format!("export '{name}'"))?;
+        let ups = Upstreams {
+            addrs: cfg.upstreams.clone(),
+            export: name.to_owned(),
+            size,
+            timeout: cfg.timeout,
+            compatible,
+            sel: Mutex::new(Selection {
+                rtts: vec![Rtt::default(); n],
+                current: None,
+            }),
+            idle: conns
+                .into_iter()
+                .map(|c| Mutex::new(c.into_iter().collect()))
+                .collect(),
+        };
+        ups.probe_round();
+        let inner = Arc::new(Inner {
+            name: name.to_owned(),
+            cache,
+            ups,
+            sums,
+            unit,
+            locks: (0..LOCKS).map(|_| Mutex::new(())).collect(),
+            stats: Stats::default(),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name(format!("probe {name}"))
+            .spawn(move || probe_loop(weak))
+            .context("cannot start the probe thread")?;
+        if let Some(rate) = cfg.replicate {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name(format!("replicate {name}"))
+                .spawn(move || replicate_loop(weak, rate))
+                .context("cannot start the replication thread")?;
+        }
+        Ok(Self(inner))
+    }
+
+    /// The export's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.0.stats
+    }
+}
+
+/// Opens each proxied export of `names`.
+pub fn open_exports(names: &[String], cfg: &ProxyConfig) -> Result<Vec<Arc<Export>>> {
+    names
+        .iter()
+        .map(|n| {
+            let p = Proxy::open(n, cfg)?;
+            let desc = format!("proxied from {}", cfg.upstreams.join(", "));
+            Ok(Arc::new(Export::with_storage(n, &desc, Box::new(p))))
+        })
+        .collect()
+}
+
+/// The upstreams' checksums of `name` (their `NAME.crc` export), from the
+/// first upstream that serves them and checked: their own checksum, our
+/// image size, a block size the proxy can fetch whole. `None`, with a log
+/// line, when no upstream has good ones.
+fn fetch_sums(name: &str, cfg: &ProxyConfig, size: u64, compatible: &[bool]) -> Option<Sums> {
+    let crc_name = format!("{name}{CRC_SUFFIX}");
+    for (a, _) in cfg.upstreams.iter().zip(compatible).filter(|(_, ok)| **ok) {
+        let mut c = match Conn::connect(a, &crc_name, cfg.timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                info!(export = name, upstream = %a, "proxy: no checksums here: {e}");
+                continue;
+            }
+        };
+        let got = (|| -> Result<Sums, String> {
+            if c.size() > MAX_SIDECAR {
+                return Err(format!("{} bytes is too large for a sidecar", c.size()));
+            }
+            let mut b = vec![0u8; c.size() as usize];
+            let mut done = 0;
+            while done < b.len() {
+                let n = (b.len() - done).min(PIECE as usize);
+                c.read(&mut b[done..done + n], done as u64)
+                    .map_err(|e| e.to_string())?;
+                done += n;
+            }
+            let s = Sums::decode(&b).map_err(|e| e.to_string())?;
+            if s.image_size() != size {
+                return Err(format!(
+                    "they are for {} bytes, the export has {size}",
+                    s.image_size()
+                ));
+            }
+            let bs = s.block_size();
+            if bs % CHUNK != 0 || bs > u64::from(crate::export::MAX_PAYLOAD) {
+                return Err(format!(
+                    "their block size {bs} is not a multiple of {CHUNK} up to 32 MiB"
+                ));
+            }
+            Ok(s)
+        })();
+        c.close();
+        match got {
+            Ok(s) => {
+                info!(
+                    export = name,
+                    upstream = %a,
+                    blocks = s.blocks(),
+                    "proxy: upstream checksums loaded; every fetch is checked"
+                );
+                return Some(s);
+            }
+            Err(e) => warn!(export = name, upstream = %a, "proxy: checksums refused: {e}"),
+        }
+    }
+    warn!(
+        export = name,
+        "proxy: no upstream serves checksums ({crc_name}): fetched data is not checked, \
+         only the cache against local corruption"
+    );
+    None
+}
+
+impl Inner {
+    fn lock(&self, unit: u64) -> MutexGuard<'_, ()> {
+        lock(&self.locks[(unit % LOCKS as u64) as usize])
+    }
+
+    fn unit_range(&self, u: u64) -> std::ops::Range<u64> {
+        let start = u * self.unit;
+        start..(start + self.unit).min(self.ups.size)
+    }
+
+    /// Fetches unit `u` from the upstreams, best first, until one delivers
+    /// it with the right checksum; a lone upstream is asked twice.
+    fn fetch(&self, u: u64) -> io::Result<Vec<u8>> {
+        let r = self.unit_range(u);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        let mut order = self.ups.order();
+        if order.len() == 1 {
+            order.push(order[0]);
+        }
+        for i in order {
+            let addr = &self.ups.addrs[i];
+            if let Err(e) = self.ups.read(i, &mut buf, r.start) {
+                warn!(
+                    export = %self.name,
+                    upstream = %addr,
+                    "proxy: fetch of bytes {}..{} failed: {e}; trying the next upstream",
+                    r.start,
+                    r.end
+                );
+                self.ups.failed(i);
+                continue;
+            }
+            self.stats
+                .upstream_bytes
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            if let Some(want) = self.sums.as_ref().and_then(|s| s.get(u as usize)) {
+                let got = crc32c::crc32c(&buf);
+                if got != want {
+                    self.stats.upstream_bad.fetch_add(1, Ordering::Relaxed);
+                    error!(
+                        export = %self.name,
+                        upstream = %addr,
+                        "proxy: checksum mismatch: block {u} (bytes {}..{}) from this upstream \
+                         sums to 0x{got:08x}, 0x{want:08x} expected; fetching it again",
+                        r.start,
+                        r.end
+                    );
+                    continue;
+                }
+            }
+            return Ok(buf);
+        }
+        error!(
+            export = %self.name,
+            "proxy: no upstream delivered bytes {}..{}: the read fails with EIO",
+            r.start,
+            r.end
+        );
+        Err(eio())
+    }
+
+    /// Fetches unit `u` (under its lock) and stores its absent chunks.
+    /// Returns the unit's bytes.
+    fn fill(&self, u: u64) -> io::Result<Vec<u8>> {
+        let data = self.fetch(u)?;
+        let r = self.unit_range(u);
+        let first = r.start / CHUNK;
+        for (k, piece) in data.chunks(CHUNK as usize).enumerate() {
+            let c = first + k as u64;
+            if self.cache.get(c).is_some() {
+                continue;
+            }
+            if let Err(e) = self.cache.store_chunk(c, piece) {
+                warn!(
+                    export = %self.name,
+                    cache = %self.cache.path().display(),
+                    "proxy: cannot cache chunk {c}: {e}"
+                );
+            }
+        }
+        Ok(data)
+    }
+
+    /// Fills `out` (chunk `c`'s bytes, or fewer: from the chunk's start)
+    /// from the cache if it holds the chunk intact, else from upstream.
+    fn chunk(&self, c: u64, scratch: &mut Vec<u8>) -> io::Result<bool> {
+        let r = self.cache.range(c);
+        scratch.resize((r.end - r.start) as usize, 0);
+        match self.cache.read_chunk(c, scratch)? {
+            Some(true) => return Ok(true),
+            Some(false) => self.corrupt(c, scratch),
+            None => {}
+        }
+        let u = r.start / self.unit;
+        let _g = self.lock(u);
+        // Fetched meanwhile by the reader that held the lock?
+        if self.cache.read_chunk(c, scratch)? == Some(true) {
+            return Ok(false);
+        }
+        if self.cache.get(c).is_some() {
+            self.corrupt(c, scratch);
+        }
+        let data = self.fill(u)?;
+        let at = (r.start - self.unit_range(u).start) as usize;
+        let src = data.get(at..at + scratch.len()).ok_or_else(eio)?;
+        scratch.copy_from_slice(src);
+        Ok(false)
+    }
+
+    fn corrupt(&self, c: u64, bytes: &[u8]) {
+        self.stats.cache_corrupt.fetch_add(1, Ordering::Relaxed);
+        let r = self.cache.range(c);
+        error!(
+            export = %self.name,
+            cache = %self.cache.path().display(),
+            "proxy: cache corruption: chunk {c} (bytes {}..{}) sums to 0x{:08x}, 0x{:08x} \
+             expected; fetching it again",
+            r.start,
+            r.end,
+            crc32c::crc32c(bytes),
+            self.cache.get(c).unwrap_or(0)
+        );
+        let _ = self.cache.drop_chunk(c);
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let end = off
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.ups.size)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut scratch = Vec::with_capacity(CHUNK as usize);
+        let mut pos = off;
+        while pos < end {
+            let c = pos / CHUNK;
+            let r = self.cache.range(c);
+            let hit = self.chunk(c, &mut scratch)?;
+            let to = r.end.min(end);
+            let (from, n) = ((pos - r.start) as usize, (to - pos) as usize);
+            let dst = (pos - off) as usize;
+            buf[dst..dst + n].copy_from_slice(&scratch[from..from + n]);
+            if hit {
+                self.stats
+                    .cache_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            pos = to;
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> String {
+        let s = &self.stats;
+        let present = (0..self.cache.chunks())
+            .filter(|&c| self.cache.get(c).is_some())
+            .count();
+        format!(
+            "proxy {}: {} bytes from upstream, {} bytes from cache, {} corrupt cache chunk(s) \
+             refetched, {} bad upstream block(s), {present}/{} chunks cached",
+            self.name,
+            s.upstream_bytes.load(Ordering::Relaxed),
+            s.cache_bytes.load(Ordering::Relaxed),
+            s.cache_corrupt.load(Ordering::Relaxed),
+            s.upstream_bad.load(Ordering::Relaxed),
+            self.cache.chunks()
+        )
+    }
+}
+
+/// Sleeps `d` in short steps; false when the export is gone meanwhile.
+fn sleep_while_alive<T>(w: &Weak<T>, d: Duration) -> bool {
+    let due = Instant::now() + d;
+    loop {
+        if w.strong_count() == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= due {
+            return true;
+        }
+        std::thread::sleep((due - now).min(Duration::from_millis(200)));
+    }
+}
+
+/// Probes the upstreams on the schedule of `replica::ProbeSchedule` until
+/// the export is closed.
+fn probe_loop(w: Weak<Inner>) {
+    let mut sched = ProbeSchedule::default();
+    loop {
+        if !sleep_while_alive(&w, Duration::from_millis(u64::from(sched.interval_ms()))) {
+            return;
+        }
+        let Some(p) = w.upgrade() else { return };
+        let round = p.ups.probe_round();
+        sched.after(round);
+    }
+}
+
+/// Fetches every unit that has an absent chunk, at most `rate` bytes a
+/// second, until the cache is full or the export is closed.
+fn replicate_loop(w: Weak<Inner>, rate: u64) {
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    let mut u = 0u64;
+    loop {
+        let Some(p) = w.upgrade() else { return };
+        let units = p.ups.size.div_ceil(p.unit);
+        if u >= units {
+            info!(
+                export = %p.name,
+                "proxy: replication done in {:.1} s: {}",
+                start.elapsed().as_secs_f64(),
+                p.report()
+            );
+            return;
+        }
+        let r = p.unit_range(u);
+        let chunks = r.start / CHUNK..r.end.div_ceil(CHUNK);
+        if chunks.clone().any(|c| p.cache.get(c).is_none()) {
+            let g = p.lock(u);
+            if chunks.clone().any(|c| p.cache.get(c).is_none()) {
+                match p.fill(u) {
+                    Ok(d) => bytes += d.len() as u64,
+                    Err(_) => {
+                        drop(g);
+                        drop(p);
+                        // Upstreams down: try this unit again later.
+                        if !sleep_while_alive(&w, Duration::from_secs(5)) {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        }
+        u += 1;
+        drop(p);
+        let target = Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+        if let Some(wait) = target.checked_sub(start.elapsed()) {
+            if !sleep_while_alive(&w, wait) {
+                return;
+            }
+        }
+    }
+}
+
+fn read_only() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
+impl Storage for Proxy {
+    fn size(&self) -> u64 {
+        self.0.ups.size
+    }
+
+    fn path(&self) -> &Path {
+        self.0.cache.path()
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.0.read_at(buf, off)
+    }
+
+    fn write_at(&self, _: &[u8], _: u64, _: bool) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn report(&self) -> Option<String> {
+        Some(self.0.report())
+    }
+}
