@@ -741,3 +741,354 @@ impl Storage for Proxy {
         Some(self.0.report())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicBool;
+
+    use crate::checksum::Sums;
+    use crate::export::{ExportSpec, Exports};
+    use crate::handshake::{self, Outcome, TlsMode, TlsPolicy};
+    use crate::link::{Bare, Link};
+    use crate::transmission::{self, Resources};
+
+    /// Test images: not a multiple of the chunk, with a short last block.
+    const SIZE: u64 = 3 * (1 << 20) + 5 * 4096 + 17;
+    /// Checksum blocks of 1 MiB (8 chunks) keep the tests small.
+    const BLOCK: u64 = 1 << 20;
+
+    fn pattern(seed: u8) -> Vec<u8> {
+        let mut x = 0x9e37_79b9u32 ^ u32::from(seed);
+        (0..SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let d = std::env::temp_dir().join(format!(
+                "enbd-proxy-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            Self(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// An in-process upstream server: the real handshake and transmission
+    /// loop on a localhost port, serving export `disk` (with `disk.crc`
+    /// when `sums` are given) from `data`.
+    struct Upstream {
+        addr: String,
+        killed: Arc<AtomicBool>,
+        conns: Arc<Mutex<Vec<TcpStream>>>,
+        _dir: TempDir,
+    }
+
+    impl Upstream {
+        fn start(data: &[u8], sums: Option<&Sums>) -> Self {
+            Self::serving(data, sums, true)
+        }
+
+        /// With `verify` false, `disk.crc` is served but `disk` is not
+        /// checked against it: a server that sends bad data.
+        fn serving(data: &[u8], sums: Option<&Sums>, verify: bool) -> Self {
+            let dir = TempDir::new();
+            let img = dir.0.join("disk.img");
+            std::fs::write(&img, data).unwrap();
+            let mut spec = format!("disk={},ro", img.display());
+            if let (Some(s), true) = (sums, verify) {
+                let crc = dir.0.join("disk.img.crc");
+                s.store(&crc).unwrap();
+                spec.push_str(",crc,scrub=0");
+            }
+            let spec: ExportSpec = spec.parse().unwrap();
+            let mut exports = Exports::open(&[spec]).unwrap();
+            if let (Some(s), false) = (sums, verify) {
+                let b = crate::export::Bytes::new(s.encode(), "sums".into());
+                let e = Export::with_storage("disk.crc", "", Box::new(b));
+                exports.add_proxied(vec![Arc::new(e)]).unwrap();
+            }
+            let exports = Arc::new(exports);
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let killed = Arc::new(AtomicBool::new(false));
+            let conns = Arc::new(Mutex::new(Vec::new()));
+            let (k, cs) = (killed.clone(), conns.clone());
+            std::thread::spawn(move || {
+                for s in l.incoming() {
+                    let Ok(s) = s else { continue };
+                    if k.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    lock(&cs).push(s.try_clone().unwrap());
+                    let exports = exports.clone();
+                    std::thread::spawn(move || serve_one(s, &exports));
+                }
+            });
+            Self {
+                addr,
+                killed,
+                conns,
+                _dir: dir,
+            }
+        }
+
+        /// Dies: every connection is cut, new ones are closed at once.
+        fn kill(&self) {
+            self.killed.store(true, Ordering::SeqCst);
+            for c in lock(&self.conns).iter() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn serve_one(s: TcpStream, exports: &Exports) {
+        let mut link = Link::tcp(s);
+        let tls = TlsPolicy {
+            mode: TlsMode::Off,
+            config: None,
+        };
+        if let Ok(Outcome::Transmission(e, neg)) = handshake::run(&mut link, exports, &tls) {
+            if let Ok(Bare::Tcp(mut t)) = link.into_bare() {
+                let fd = t.as_raw_fd();
+                let _ = transmission::serve(&mut t, fd, e, neg, &Resources::new(2));
+            }
+        }
+    }
+
+    fn sums_of(data: &[u8]) -> Sums {
+        let dir = TempDir::new();
+        let p = dir.0.join("x");
+        std::fs::write(&p, data).unwrap();
+        let b = crate::backend::Backend::open(&p, true, true).unwrap();
+        Sums::compute(&b, BLOCK, |_, _| {}).unwrap()
+    }
+
+    fn config(ups: &[&Upstream], dir: &TempDir) -> ProxyConfig {
+        ProxyConfig {
+            upstreams: ups.iter().map(|u| u.addr.clone()).collect(),
+            cache_dir: dir.0.clone(),
+            timeout: Duration::from_secs(5),
+            replicate: None,
+        }
+    }
+
+    fn read(p: &Proxy, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        p.read_at(&mut b, off)?;
+        Ok(b)
+    }
+
+    fn upstream_bytes(p: &Proxy) -> u64 {
+        p.stats().upstream_bytes.load(Ordering::SeqCst)
+    }
+
+    fn cache_bytes(p: &Proxy) -> u64 {
+        p.stats().cache_bytes.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn cold_then_warm_then_restarted_then_corrupted() {
+        let data = pattern(1);
+        let sums = sums_of(&data);
+        let up = Upstream::start(&data, Some(&sums));
+        let dir = TempDir::new();
+        let cfg = config(&[&up], &dir);
+        let p = Proxy::open("disk", &cfg).unwrap();
+        assert_eq!(p.size(), SIZE);
+        assert!(p.read_only());
+        assert_eq!(p.0.unit, BLOCK, "whole checksum blocks are fetched");
+        // Cold: all from upstream, once (the first chunk of each block
+        // fetches the block, the read's next chunks find it cached).
+        assert_eq!(read(&p, 0, 4096).unwrap(), &data[..4096]);
+        assert_eq!((upstream_bytes(&p), cache_bytes(&p)), (BLOCK, 0));
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert_eq!(upstream_bytes(&p), SIZE);
+        let cached = cache_bytes(&p);
+        // Warm: nothing from upstream.
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert_eq!((upstream_bytes(&p), cache_bytes(&p)), (SIZE, cached + SIZE));
+        assert!(p.report().unwrap().contains(&format!(
+            "proxy disk: {SIZE} bytes from upstream, {} bytes from cache",
+            cached + SIZE
+        )));
+        drop(p);
+        // Restarted: the cache is still there.
+        let p = Proxy::open("disk", &cfg).unwrap();
+        assert_eq!(read(&p, 4000, 300_000).unwrap(), &data[4000..304_000]);
+        assert_eq!(read(&p, SIZE - 10, 10).unwrap(), &data[SIZE as usize - 10..]);
+        assert_eq!(upstream_bytes(&p), 0);
+        // A byte flipped in the cache file: caught at the next read,
+        // fetched again (its whole checksum block), served right.
+        let (cache_file, _) = crate::cache::paths(&dir.0, "disk");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cache_file)
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        let at = BLOCK + 3 * CHUNK + 5;
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+        assert_eq!(read(&p, at - 2, 8).unwrap(), &data[at as usize - 2..at as usize + 6]);
+        assert_eq!(p.stats().cache_corrupt.load(Ordering::SeqCst), 1);
+        assert_eq!(upstream_bytes(&p), BLOCK);
+        f.read_exact_at(&mut b, at).unwrap();
+        assert_eq!(b[0], data[at as usize], "the cache file is repaired");
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert_eq!(upstream_bytes(&p), BLOCK);
+    }
+
+    #[test]
+    fn without_upstream_checksums_chunks_are_fetched() {
+        let data = pattern(2);
+        let up = Upstream::start(&data, None);
+        let dir = TempDir::new();
+        let p = Proxy::open("disk", &config(&[&up], &dir)).unwrap();
+        assert_eq!(p.0.unit, CHUNK);
+        assert_eq!(read(&p, CHUNK + 10, 20).unwrap(), &data[CHUNK as usize + 10..][..20]);
+        assert_eq!(upstream_bytes(&p), CHUNK, "a cold read costs one chunk");
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert_eq!(upstream_bytes(&p), SIZE);
+        // Reads past the end fail without a panic.
+        assert!(read(&p, SIZE - 1, 2).is_err());
+        assert!(read(&p, u64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn concurrent_misses_of_a_block_fetch_it_once() {
+        let data = pattern(3);
+        let up = Upstream::start(&data, Some(&sums_of(&data)));
+        let dir = TempDir::new();
+        let p = Arc::new(Proxy::open("disk", &config(&[&up], &dir)).unwrap());
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || read(&p, BLOCK + i * 70_000, 4096).unwrap())
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            let off = BLOCK as usize + i * 70_000;
+            assert_eq!(t.join().unwrap(), &data[off..off + 4096]);
+        }
+        assert_eq!(upstream_bytes(&p), BLOCK);
+    }
+
+    #[test]
+    fn a_dead_upstream_is_failed_over() {
+        let data = pattern(4);
+        let sums = sums_of(&data);
+        let (a, b) = (
+            Upstream::start(&data, Some(&sums)),
+            Upstream::start(&data, Some(&sums)),
+        );
+        // An address where nobody listens, first in the list.
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let dir = TempDir::new();
+        let mut cfg = config(&[&a, &b], &dir);
+        cfg.upstreams.insert(0, dead_addr);
+        let p = Proxy::open("disk", &cfg).unwrap();
+        assert_eq!(read(&p, 0, 1000).unwrap(), &data[..1000]);
+        let chosen = lock(&p.0.ups.sel).current.unwrap();
+        assert!(chosen == 1 || chosen == 2, "{chosen}");
+        // Kill the chosen one: the next cold read comes from the other.
+        [&a, &b][chosen - 1].kill();
+        assert_eq!(read(&p, 2 * BLOCK, 5000).unwrap(), &data[2 * BLOCK as usize..][..5000]);
+        let now = lock(&p.0.ups.sel).current;
+        assert_eq!(now, Some(3 - chosen), "moved to the live upstream");
+        // Both dead: a cold read fails with EIO, a cached one still works.
+        [&a, &b][2 - chosen].kill();
+        let e = read(&p, BLOCK, 10).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert_eq!(read(&p, 0, 1000).unwrap(), &data[..1000]);
+    }
+
+    #[test]
+    fn a_block_that_fails_the_checksums_is_fetched_from_another_upstream() {
+        let data = pattern(5);
+        let sums = sums_of(&data);
+        let mut bad = data.clone();
+        bad[BLOCK as usize + 12345] ^= 0x40;
+        let (b, g) = (
+            Upstream::serving(&bad, Some(&sums), false),
+            Upstream::start(&data, Some(&sums)),
+        );
+        let dir = TempDir::new();
+        let p = Proxy::open("disk", &config(&[&b, &g], &dir)).unwrap();
+        // Make the bad upstream the one asked first.
+        lock(&p.0.ups.sel).current = Some(0);
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert_eq!(p.stats().upstream_bad.load(Ordering::SeqCst), 1);
+        assert_eq!(upstream_bytes(&p), SIZE + BLOCK);
+        drop(p);
+        // With the bad upstream alone, that block is never served: EIO
+        // after a second try; the other blocks are fine.
+        let dir = TempDir::new();
+        let p = Proxy::open("disk", &config(&[&b], &dir)).unwrap();
+        let e = read(&p, BLOCK, 4096).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert_eq!(p.stats().upstream_bad.load(Ordering::SeqCst), 2);
+        assert_eq!(read(&p, 0, 4096).unwrap(), &data[..4096]);
+    }
+
+    #[test]
+    fn an_upstream_of_another_size_is_not_used() {
+        let data = pattern(6);
+        let a = Upstream::start(&data, None);
+        let b = Upstream::start(&data[..4096], None);
+        let dir = TempDir::new();
+        let p = Proxy::open("disk", &config(&[&a, &b], &dir)).unwrap();
+        assert_eq!(p.0.ups.compatible, vec![true, false]);
+        a.kill();
+        assert!(read(&p, 0, 10).is_err(), "never read from the other image");
+    }
+
+    #[test]
+    fn replication_fills_the_cache() {
+        let data = pattern(7);
+        let up = Upstream::start(&data, Some(&sums_of(&data)));
+        let dir = TempDir::new();
+        let mut cfg = config(&[&up], &dir);
+        cfg.replicate = Some(1 << 30);
+        let p = Proxy::open("disk", &cfg).unwrap();
+        let start = Instant::now();
+        while upstream_bytes(&p) < SIZE {
+            assert!(start.elapsed() < Duration::from_secs(20), "replication stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert_eq!(upstream_bytes(&p), SIZE);
+        assert_eq!(cache_bytes(&p), SIZE);
+    }
+
+    #[test]
+    fn names_that_are_not_file_names_are_refused() {
+        for bad in ["", "a/b", ".hidden", "..", "x\0y"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("disk-1.img").is_ok());
+    }
+}
