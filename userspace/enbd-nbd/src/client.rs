@@ -38,7 +38,10 @@ impl ClientError {
     /// Whether the connection is still usable after this error (only an
     /// error reply leaves it in step).
     pub fn connection_ok(&self) -> bool {
-        matches!(self, ClientError::Server(..) | ClientError::OutOfRange { .. })
+        matches!(
+            self,
+            ClientError::Server(..) | ClientError::OutOfRange { .. }
+        )
     }
 }
 

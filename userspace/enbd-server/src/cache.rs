@@ -246,7 +246,10 @@ impl Cache {
 
     /// The CRC of chunk `i` if it is present.
     pub fn get(&self, i: u64) -> Option<u32> {
-        let v = self.entries.get(usize::try_from(i).ok()?)?.load(Ordering::Acquire);
+        let v = self
+            .entries
+            .get(usize::try_from(i).ok()?)?
+            .load(Ordering::Acquire);
         (v & PRESENT != 0).then_some(v as u32)
     }
 

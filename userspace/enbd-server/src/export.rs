@@ -531,7 +531,8 @@ impl Exports {
         let mut extra = Vec::new();
         for s in specs {
             if let Some(crc) = &s.crc {
-                let e = crc_export(s, crc).map_err(|e| anyhow::anyhow!("export '{}': {e:#}", s.name))?;
+                let e = crc_export(s, crc)
+                    .map_err(|e| anyhow::anyhow!("export '{}': {e:#}", s.name))?;
                 if specs.iter().any(|o| o.name == e.name()) {
                     anyhow::bail!(
                         "export '{}' has checksums, so its sidecar is served as '{}': \
@@ -774,6 +775,45 @@ mod tests {
         write_sums();
         let three = Exports::open_reusing(&specs, &two).unwrap();
         assert!(!Exports::shares_storage(&first(&two), &first(&three)));
+        let _ = std::fs::remove_file(&crc);
+    }
+
+    #[test]
+    fn an_export_with_checksums_serves_its_sidecar_as_name_crc() {
+        use crate::checksum::{Sums, BLOCK_SIZE};
+        let f = crate::testutil::TempFile::new(8192, 7);
+        let crc = crate::checksum::default_path(f.path());
+        let b = Backend::open(f.path(), true, true).unwrap();
+        Sums::compute(&b, BLOCK_SIZE, |_, _| {})
+            .unwrap()
+            .store(&crc)
+            .unwrap();
+        let specs = [parse(&format!("d={},ro,crc", f.path().display()))];
+        let x = Exports::open(&specs).unwrap();
+        let e = x.find(b"d.crc").unwrap();
+        let want = std::fs::read(&crc).unwrap();
+        assert_eq!(e.size(), want.len() as u64);
+        assert!(e.backend().read_only());
+        let mut got = vec![0u8; want.len()];
+        e.backend().read_at(&mut got, 0).unwrap();
+        assert_eq!(got, want);
+        assert!(e.backend().read_at(&mut got, 1).is_err(), "past the end");
+        assert!(e.backend().write_at(&got, 0, false).is_err());
+        assert!(x.iter().any(|e| e.name() == "d.crc"), "listed");
+        assert_eq!(x.find(b"").unwrap().name(), "d");
+        // Reloads keep serving it; a plain export has none.
+        let y = Exports::open_reusing(&specs, &x).unwrap();
+        assert!(y.find(b"d.crc").is_some());
+        let plain = [parse(&format!("d={},ro", f.path().display()))];
+        assert!(Exports::open(&plain).unwrap().find(b"d.crc").is_none());
+        // The name is taken by the sidecar.
+        let g = crate::testutil::TempFile::new(4096, 0);
+        let clash = [
+            specs[0].clone(),
+            parse(&format!("d.crc={},ro", g.path().display())),
+        ];
+        let e = format!("{:#}", Exports::open(&clash).unwrap_err());
+        assert!(e.contains("its sidecar is served as 'd.crc'"), "{e}");
         let _ = std::fs::remove_file(&crc);
     }
 

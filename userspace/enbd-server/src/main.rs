@@ -84,16 +84,15 @@ struct Cli {
     /// more. The proxy serves each --proxy-export from a local cache filled
     /// from the upstream with the shortest round trip, failing over to the
     /// others.
-    #[arg(long = "proxy", value_name = "HOST:PORT", requires_all = ["cache_dir", "proxy_exports"])]
+    #[arg(long = "proxy", value_name = "HOST:PORT")]
     proxy_upstreams: Vec<String>,
     /// An export to proxy from the upstreams, read-only, under its
     /// upstream name; repeat for more.
-    #[arg(long = "proxy-export", value_name = "NAME", requires = "proxy_upstreams",
-          value_parser = parse_proxy_name)]
+    #[arg(long = "proxy-export", value_name = "NAME", value_parser = parse_proxy_name)]
     proxy_exports: Vec<String>,
     /// Directory of the proxy's cache files (NAME.cache, NAME.map), kept
     /// across restarts.
-    #[arg(long, value_name = "DIR", requires = "proxy_upstreams")]
+    #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Seconds the proxy waits for an upstream to connect or to answer
     /// before it tries the next one.
@@ -102,7 +101,7 @@ struct Cli {
     proxy_timeout: u64,
     /// Fill each proxied export's whole cache in the background, fetching
     /// at most RATE bytes a second (K, M, G suffixes).
-    #[arg(long, value_name = "RATE", requires = "proxy_upstreams", value_parser = budget::parse_size)]
+    #[arg(long, value_name = "RATE", value_parser = budget::parse_size)]
     replicate: Option<u64>,
     /// Do not listen on TCP.
     #[arg(long)]
@@ -190,7 +189,7 @@ impl Shared {
         let tls = tls_policy(cli)?;
         let transmission = resources(cli)?;
         let mut exports = Exports::open(&cli.exports)?;
-        if let Some(cfg) = proxy_config(cli) {
+        if let Some(cfg) = proxy_config(cli)? {
             exports.add_proxied(proxy::open_exports(&cli.proxy_exports, &cfg)?)?;
         }
         for e in exports.iter() {
@@ -232,17 +231,28 @@ fn parse_proxy_name(s: &str) -> Result<String, String> {
     proxy::check_name(s).map(|()| s.to_owned())
 }
 
-/// The proxy's settings, when it proxies anything.
-fn proxy_config(cli: &Cli) -> Option<proxy::ProxyConfig> {
+/// The proxy's settings, when it proxies anything. (Clap checks that the
+/// options go together on the command line; this checks them once the
+/// config file's are in.)
+fn proxy_config(cli: &Cli) -> Result<Option<proxy::ProxyConfig>> {
     if cli.proxy_exports.is_empty() {
-        return None;
+        if !cli.proxy_upstreams.is_empty() {
+            anyhow::bail!("--proxy needs at least one --proxy-export (proxy-export)");
+        }
+        return Ok(None);
     }
-    Some(proxy::ProxyConfig {
+    if cli.proxy_upstreams.is_empty() {
+        anyhow::bail!("--proxy-export needs at least one --proxy upstream (proxy)");
+    }
+    let Some(cache_dir) = cli.cache_dir.clone() else {
+        anyhow::bail!("--proxy-export needs --cache-dir (cache-dir)");
+    };
+    Ok(Some(proxy::ProxyConfig {
         upstreams: cli.proxy_upstreams.clone(),
-        cache_dir: cli.cache_dir.clone()?,
+        cache_dir,
         timeout: Duration::from_secs(cli.proxy_timeout),
         replicate: cli.replicate,
-    })
+    }))
 }
 
 /// The memory budgets, checked against each other and the largest request.
@@ -777,6 +787,45 @@ mod tests {
         let d = std::env::temp_dir().join(format!("enbd-server-main-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn proxy_options_go_together() {
+        let parse = |args: &[&str]| {
+            let argv = std::iter::once("enbd-server").chain(args.iter().copied());
+            Cli::try_parse_from(argv)
+        };
+        let c = parse(&["--proxy-export", "disk", "--cache-dir", "/tmp/x"]).unwrap();
+        let e = format!("{:#}", proxy_config(&c).unwrap_err());
+        assert!(e.contains("needs at least one --proxy upstream"), "{e}");
+        let c = parse(&["--proxy-export", "disk", "--proxy", "h:1"]).unwrap();
+        let e = format!("{:#}", proxy_config(&c).unwrap_err());
+        assert!(e.contains("needs --cache-dir"), "{e}");
+        let c = parse(&["--export", "d=/x", "--proxy", "h:1"]).unwrap();
+        let e = format!("{:#}", proxy_config(&c).unwrap_err());
+        assert!(
+            e.contains("--proxy needs at least one --proxy-export"),
+            "{e}"
+        );
+        assert!(parse(&["--proxy-export", "a/b", "--proxy", "h:1"]).is_err());
+        let c = parse(&[
+            "--proxy-export",
+            "disk",
+            "--proxy",
+            "h:1",
+            "--proxy",
+            "g:2",
+            "--cache-dir",
+            "/c",
+            "--replicate",
+            "32M",
+        ])
+        .unwrap();
+        let cfg = proxy_config(&c).unwrap().unwrap();
+        assert_eq!(cfg.upstreams, ["h:1", "g:2"]);
+        assert_eq!(cfg.timeout, Duration::from_secs(5));
+        assert_eq!(cfg.replicate, Some(32 << 20));
+        assert!(parse(&[]).is_err(), "some export is needed");
     }
 
     #[test]

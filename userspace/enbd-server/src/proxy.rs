@@ -187,7 +187,9 @@ impl Upstreams {
 
     fn log_choice(&self, c: Option<usize>) {
         match c {
-            Some(i) => info!(export = %self.export, upstream = %self.addrs[i], "proxy: upstream chosen"),
+            Some(i) => {
+                info!(export = %self.export, upstream = %self.addrs[i], "proxy: upstream chosen")
+            }
             None => warn!(export = %self.export, "proxy: no upstream answers"),
         }
     }
@@ -285,7 +287,10 @@ impl Proxy {
             anyhow::bail!("export '{name}': no upstream server given");
         }
         std::fs::create_dir_all(&cfg.cache_dir).with_context(|| {
-            format!("cannot create the cache directory {}", cfg.cache_dir.display())
+            format!(
+                "cannot create the cache directory {}",
+                cfg.cache_dir.display()
+            )
         })?;
         let n = cfg.upstreams.len();
         let mut size = None;
@@ -375,6 +380,7 @@ impl Proxy {
     }
 
     /// The export's counters.
+    #[cfg(test)]
     pub fn stats(&self) -> &Stats {
         &self.0.stats
     }
@@ -936,7 +942,10 @@ mod tests {
         // Restarted: the cache is still there.
         let p = Proxy::open("disk", &cfg).unwrap();
         assert_eq!(read(&p, 4000, 300_000).unwrap(), &data[4000..304_000]);
-        assert_eq!(read(&p, SIZE - 10, 10).unwrap(), &data[SIZE as usize - 10..]);
+        assert_eq!(
+            read(&p, SIZE - 10, 10).unwrap(),
+            &data[SIZE as usize - 10..]
+        );
         assert_eq!(upstream_bytes(&p), 0);
         // A byte flipped in the cache file: caught at the next read,
         // fetched again (its whole checksum block), served right.
@@ -951,7 +960,10 @@ mod tests {
         let mut b = [0u8];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[!b[0]], at).unwrap();
-        assert_eq!(read(&p, at - 2, 8).unwrap(), &data[at as usize - 2..at as usize + 6]);
+        assert_eq!(
+            read(&p, at - 2, 8).unwrap(),
+            &data[at as usize - 2..at as usize + 6]
+        );
         assert_eq!(p.stats().cache_corrupt.load(Ordering::SeqCst), 1);
         assert_eq!(upstream_bytes(&p), BLOCK);
         f.read_exact_at(&mut b, at).unwrap();
@@ -967,7 +979,10 @@ mod tests {
         let dir = TempDir::new();
         let p = Proxy::open("disk", &config(&[&up], &dir)).unwrap();
         assert_eq!(p.0.unit, CHUNK);
-        assert_eq!(read(&p, CHUNK + 10, 20).unwrap(), &data[CHUNK as usize + 10..][..20]);
+        assert_eq!(
+            read(&p, CHUNK + 10, 20).unwrap(),
+            &data[CHUNK as usize + 10..][..20]
+        );
         assert_eq!(upstream_bytes(&p), CHUNK, "a cold read costs one chunk");
         assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
         assert_eq!(upstream_bytes(&p), SIZE);
@@ -1016,7 +1031,10 @@ mod tests {
         assert!(chosen == 1 || chosen == 2, "{chosen}");
         // Kill the chosen one: the next cold read comes from the other.
         [&a, &b][chosen - 1].kill();
-        assert_eq!(read(&p, 2 * BLOCK, 5000).unwrap(), &data[2 * BLOCK as usize..][..5000]);
+        assert_eq!(
+            read(&p, 2 * BLOCK, 5000).unwrap(),
+            &data[2 * BLOCK as usize..][..5000]
+        );
         let now = lock(&p.0.ups.sel).current;
         assert_eq!(now, Some(3 - chosen), "moved to the live upstream");
         // Both dead: a cold read fails with EIO, a cached one still works.
@@ -1076,7 +1094,10 @@ mod tests {
         let p = Proxy::open("disk", &cfg).unwrap();
         let start = Instant::now();
         while upstream_bytes(&p) < SIZE {
-            assert!(start.elapsed() < Duration::from_secs(20), "replication stalled");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "replication stalled"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
