@@ -508,6 +508,9 @@ impl Inner {
                         r.start,
                         r.end
                     );
+                    // An upstream that sends bad data is left like one that
+                    // fails; its probes bring it back.
+                    self.ups.failed(i);
                     continue;
                 }
             }
