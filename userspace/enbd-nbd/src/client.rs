@@ -160,3 +160,109 @@ impl Conn {
         let _ = self.stream.write_all(&req.encode());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use enbd_core::wire::{handshake, opt, rep, Greeting, Info, OptionReplyHeader};
+    use std::net::TcpListener;
+
+    /// A scripted server: the handshake for an export of `size` bytes, then
+    /// for each request read, the bytes `answer` makes of its cookie.
+    fn server(size: u64, answer: fn(u64) -> Vec<u8>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let g = Greeting {
+                flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
+            };
+            s.write_all(&g.encode()).unwrap();
+            let mut b = [0u8; 4 + 16];
+            s.read_exact(&mut b).unwrap();
+            let len = u32::from_be_bytes(b[16..20].try_into().unwrap());
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).unwrap();
+            let mut i = [0u8; 16];
+            let n = Info::Export { size, flags: 1 }.encode(&mut i).unwrap();
+            for (reply, body) in [(rep::INFO, &i[..n]), (rep::ACK, &[][..])] {
+                let h = OptionReplyHeader {
+                    option: opt::GO,
+                    reply,
+                    length: body.len() as u32,
+                };
+                s.write_all(&h.encode()).unwrap();
+                s.write_all(body).unwrap();
+            }
+            let mut req = [0u8; Request::LEN];
+            while s.read_exact(&mut req).is_ok() {
+                let r = Request::decode(&req).unwrap();
+                if s.write_all(&answer(r.cookie)).is_err() {
+                    break;
+                }
+            }
+        });
+        addr
+    }
+
+    fn reply(error: u32, cookie: u64, data: &[u8]) -> Vec<u8> {
+        let mut v = SimpleReply { error, cookie }.encode().to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn reads_and_checks_each_reply() {
+        let addr = server(8192, |c| reply(0, c, &[7u8; 512]));
+        let mut c = Conn::connect(&addr, "d", T).unwrap();
+        assert_eq!(c.size(), 8192);
+        let mut buf = [0u8; 512];
+        c.read(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        c.read(&mut buf, 8192 - 512).unwrap();
+        let e = c.read(&mut buf, 8192 - 511).unwrap_err();
+        assert!(matches!(e, ClientError::OutOfRange { .. }) && e.connection_ok());
+        assert!(c.read(&mut buf, u64::MAX).is_err());
+        c.close();
+    }
+
+    #[test]
+    fn error_replies_and_broken_replies_are_told_apart() {
+        let addr = server(4096, |c| reply(5, c, &[]));
+        let mut c = Conn::connect(&addr, "d", T).unwrap();
+        let e = c.read(&mut [0u8; 16], 0).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Server(5, "EIO")) && e.connection_ok(),
+            "{e}"
+        );
+        let addr = server(4096, |c| reply(0, c + 1, &[0u8; 16]));
+        let mut c = Conn::connect(&addr, "d", T).unwrap();
+        let e = c.read(&mut [0u8; 16], 0).unwrap_err();
+        assert!(
+            matches!(e, ClientError::WrongCookie { .. }) && !e.connection_ok(),
+            "{e}"
+        );
+        let addr = server(4096, |_| b"not an NBD reply".to_vec());
+        let mut c = Conn::connect(&addr, "d", T).unwrap();
+        let e = c.read(&mut [0u8; 16], 0).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Protocol(_)) && !e.connection_ok(),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_silent_server_times_out() {
+        let addr = server(4096, |_| Vec::new());
+        let mut c = Conn::connect(&addr, "d", Duration::from_millis(200)).unwrap();
+        let e = c.read(&mut [0u8; 16], 0).unwrap_err();
+        assert!(matches!(e, ClientError::Io(_)), "{e}");
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let e = Conn::connect(&addr, "d", T).unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
+    }
+}

@@ -79,6 +79,9 @@ fn send_option(s: &mut impl Write, option: u32, payload: &[u8]) -> Result<(), Ne
     Ok(())
 }
 
+/// Longest option reply accepted.
+pub const MAX_REPLY_LEN: u32 = 1 << 20;
+
 fn read_reply(
     s: &mut impl Read,
     option: u32,
@@ -86,6 +89,12 @@ fn read_reply(
     let h = OptionReplyHeader::decode(&read_array(s)?)?;
     if h.option != option {
         return Err(wire::WireError::Invalid("option reply for another option").into());
+    }
+    // The server is not trusted with our memory: no reply the client asks
+    // for comes near this (a LIST entry is a name of at most 4 KiB and its
+    // description).
+    if h.length > MAX_REPLY_LEN {
+        return Err(wire::WireError::TooLong(h.length).into());
     }
     let mut payload = vec![0u8; h.length as usize];
     s.read_exact(&mut payload)?;
@@ -345,6 +354,29 @@ mod tests {
             output: vec![],
         };
         assert!(matches!(greet(&mut p), Err(NegotiateError::Protocol(_))));
+    }
+
+    #[test]
+    fn an_oversized_reply_is_refused_unread() {
+        let mut input = greeting();
+        input.extend(
+            OptionReplyHeader {
+                option: opt::GO,
+                reply: rep::INFO,
+                length: u32::MAX,
+            }
+            .encode(),
+        );
+        let mut p = Peer {
+            input: Cursor::new(input),
+            output: vec![],
+        };
+        greet(&mut p).unwrap();
+        let e = go(&mut p, "d", true).unwrap_err();
+        assert!(
+            matches!(e, NegotiateError::Protocol(wire::WireError::TooLong(_))),
+            "{e}"
+        );
     }
 
     #[test]
