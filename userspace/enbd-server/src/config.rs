@@ -55,6 +55,7 @@ pub struct Options {
     proxy_upstreams: Option<Vec<String>>,
     #[serde(rename = "proxy-export")]
     proxy_exports: Option<Vec<String>>,
+    proxy_any: Option<bool>,
     cache_dir: Option<PathBuf>,
     proxy_timeout: Option<u64>,
     /// A rate as on the command line: "32M".
@@ -288,6 +289,7 @@ impl Options {
         take!(tls_client_ca, Some);
         take!(proxy_upstreams);
         take!(proxy_exports);
+        take!(proxy_any);
         take!(cache_dir, Some);
         take!(proxy_timeout);
         take!(replicate, |v: String| crate::budget::parse_size(&v).ok());
@@ -340,7 +342,7 @@ pub fn load_into(cli: &mut Cli, matches: &ArgMatches) -> Result<Option<Reloader>
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     config.options.apply(cli, given);
     let cli_exports = std::mem::take(&mut cli.exports);
-    let proxied = !cli.proxy_exports.is_empty();
+    let proxied = !cli.proxy_exports.is_empty() || cli.proxy_any;
     cli.exports = combine(&cli_exports, &config.exports, &file, proxied)?;
     info!(
         file = %file.display(),

@@ -433,6 +433,8 @@ pub struct Exports {
     extra: Vec<Arc<Export>>,
     /// How many of `extra` are proxied exports (at its end).
     proxied: usize,
+    /// Proxied exports opened when a client asks (`--proxy-any`).
+    on_demand: Option<Arc<crate::proxy::OnDemand>>,
     /// What each export was opened from, and the (device, inode) of each
     /// of its images then, so a reload can tell an unchanged export from a
     /// changed one.
@@ -549,6 +551,7 @@ impl Exports {
             exports: v,
             extra,
             proxied: 0,
+            on_demand: old.on_demand.clone(),
             opened,
         };
         x.add_proxied(proxied)?;
@@ -566,6 +569,12 @@ impl Exports {
             self.proxied += 1;
         }
         Ok(())
+    }
+
+    /// Serves any other name the proxy's upstreams have, opened when a
+    /// client first asks for it; kept across reloads.
+    pub fn set_on_demand(&mut self, d: Arc<crate::proxy::OnDemand>) {
+        self.on_demand = Some(d);
     }
 
     fn find_named(&self, name: &[u8]) -> Option<Arc<Export>> {
@@ -597,10 +606,17 @@ impl Exports {
                 .cloned();
         }
         self.find_named(name)
+            .or_else(|| self.on_demand.as_ref()?.find(name))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.exports.iter().chain(&self.extra)
+    /// Every export, those opened on demand so far included.
+    pub fn iter(&self) -> impl Iterator<Item = Arc<Export>> + '_ {
+        let on_demand = self.on_demand.iter().flat_map(|d| d.opened());
+        self.exports
+            .iter()
+            .chain(&self.extra)
+            .cloned()
+            .chain(on_demand)
     }
 }
 

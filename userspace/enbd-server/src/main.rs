@@ -64,7 +64,7 @@ struct Cli {
         short,
         long = "export",
         value_name = "SPEC",
-        required_unless_present_any = ["config", "proxy_exports"]
+        required_unless_present_any = ["config", "proxy_exports", "proxy_any"]
     )]
     exports: Vec<ExportSpec>,
     /// A TOML file of exports and options; options given on the command
@@ -90,6 +90,10 @@ struct Cli {
     /// upstream name; repeat for more.
     #[arg(long = "proxy-export", value_name = "NAME", value_parser = parse_proxy_name)]
     proxy_exports: Vec<String>,
+    /// Also serve, through the proxy, any other export name a client asks
+    /// for that the upstreams have, opened at its first request.
+    #[arg(long)]
+    proxy_any: bool,
     /// Directory of the proxy's cache files (NAME.cache, NAME.map), kept
     /// across restarts.
     #[arg(long, value_name = "DIR")]
@@ -191,6 +195,9 @@ impl Shared {
         let mut exports = Exports::open(&cli.exports)?;
         if let Some(cfg) = proxy_config(cli)? {
             exports.add_proxied(proxy::open_exports(&cli.proxy_exports, &cfg)?)?;
+            if cli.proxy_any {
+                exports.set_on_demand(Arc::new(proxy::OnDemand::new(cfg)));
+            }
         }
         for e in exports.iter() {
             e.log_ready();
@@ -235,17 +242,17 @@ fn parse_proxy_name(s: &str) -> Result<String, String> {
 /// options go together on the command line; this checks them once the
 /// config file's are in.)
 fn proxy_config(cli: &Cli) -> Result<Option<proxy::ProxyConfig>> {
-    if cli.proxy_exports.is_empty() {
+    if cli.proxy_exports.is_empty() && !cli.proxy_any {
         if !cli.proxy_upstreams.is_empty() {
-            anyhow::bail!("--proxy needs at least one --proxy-export (proxy-export)");
+            anyhow::bail!("--proxy needs --proxy-export or --proxy-any (proxy-export, proxy-any)");
         }
         return Ok(None);
     }
     if cli.proxy_upstreams.is_empty() {
-        anyhow::bail!("--proxy-export needs at least one --proxy upstream (proxy)");
+        anyhow::bail!("--proxy-export and --proxy-any need at least one --proxy upstream (proxy)");
     }
     let Some(cache_dir) = cli.cache_dir.clone() else {
-        anyhow::bail!("--proxy-export needs --cache-dir (cache-dir)");
+        anyhow::bail!("the proxy needs --cache-dir (cache-dir)");
     };
     Ok(Some(proxy::ProxyConfig {
         upstreams: cli.proxy_upstreams.clone(),
@@ -797,14 +804,16 @@ mod tests {
         };
         let c = parse(&["--proxy-export", "disk", "--cache-dir", "/tmp/x"]).unwrap();
         let e = format!("{:#}", proxy_config(&c).unwrap_err());
-        assert!(e.contains("needs at least one --proxy upstream"), "{e}");
+        assert!(e.contains("need at least one --proxy upstream"), "{e}");
         let c = parse(&["--proxy-export", "disk", "--proxy", "h:1"]).unwrap();
         let e = format!("{:#}", proxy_config(&c).unwrap_err());
         assert!(e.contains("needs --cache-dir"), "{e}");
+        let c = parse(&["--proxy-any", "--proxy", "h:1", "--cache-dir", "/c"]).unwrap();
+        assert!(proxy_config(&c).unwrap().is_some());
         let c = parse(&["--export", "d=/x", "--proxy", "h:1"]).unwrap();
         let e = format!("{:#}", proxy_config(&c).unwrap_err());
         assert!(
-            e.contains("--proxy needs at least one --proxy-export"),
+            e.contains("--proxy needs --proxy-export or --proxy-any"),
             "{e}"
         );
         assert!(parse(&["--proxy-export", "a/b", "--proxy", "h:1"]).is_err());

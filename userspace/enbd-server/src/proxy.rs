@@ -398,6 +398,86 @@ pub fn open_exports(names: &[String], cfg: &ProxyConfig) -> Result<Vec<Arc<Expor
         .collect()
 }
 
+/// How long a name that could not be opened on demand is not tried again.
+const RETRY_OPEN: Duration = Duration::from_secs(10);
+/// Names remembered as failed at most (a client may ask for any number).
+const MAX_FAILED: usize = 1024;
+
+/// Exports opened when a client first asks for them (`--proxy-any`): any
+/// name the upstreams serve.
+#[derive(Debug)]
+pub struct OnDemand {
+    cfg: ProxyConfig,
+    opened: Mutex<Vec<Arc<Export>>>,
+    /// Held while an export is opened: one open at a time, each name once.
+    opening: Mutex<()>,
+    /// Names that failed lately, and when.
+    failed: Mutex<Vec<(String, Instant)>>,
+}
+
+impl OnDemand {
+    pub fn new(cfg: ProxyConfig) -> Self {
+        Self {
+            cfg,
+            opened: Mutex::new(Vec::new()),
+            opening: Mutex::new(()),
+            failed: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn opened_named(&self, name: &str) -> Option<Arc<Export>> {
+        lock(&self.opened)
+            .iter()
+            .find(|e| e.name() == name)
+            .cloned()
+    }
+
+    /// The export `name`, opened now if it was not (which takes a round
+    /// trip to each upstream, and is not retried for [`RETRY_OPEN`] after
+    /// it failed). `None` when no upstream serves it.
+    pub fn find(&self, name: &[u8]) -> Option<Arc<Export>> {
+        let name = std::str::from_utf8(name).ok()?;
+        check_name(name).ok()?;
+        if let Some(e) = self.opened_named(name) {
+            return Some(e);
+        }
+        let _g = lock(&self.opening);
+        if let Some(e) = self.opened_named(name) {
+            return Some(e);
+        }
+        let now = Instant::now();
+        {
+            let mut failed = lock(&self.failed);
+            failed.retain(|(_, t)| now.duration_since(*t) < RETRY_OPEN);
+            if failed.iter().any(|(n, _)| n == name) {
+                return None;
+            }
+        }
+        match open_exports(&[name.to_owned()], &self.cfg) {
+            Ok(mut v) => {
+                let e = v.pop()?;
+                e.log_ready();
+                lock(&self.opened).push(e.clone());
+                Some(e)
+            }
+            Err(e) => {
+                warn!(export = name, "proxy: cannot open on demand: {e:#}");
+                let mut failed = lock(&self.failed);
+                if failed.len() >= MAX_FAILED {
+                    failed.remove(0);
+                }
+                failed.push((name.to_owned(), now));
+                None
+            }
+        }
+    }
+
+    /// The exports opened so far.
+    pub fn opened(&self) -> Vec<Arc<Export>> {
+        lock(&self.opened).clone()
+    }
+}
+
 /// The upstreams' checksums of `name` (their `NAME.crc` export), from the
 /// first upstream that serves them and checked: their own checksum, our
 /// image size, a block size the proxy can fetch whole. `None`, with a log
@@ -1106,6 +1186,37 @@ mod tests {
         assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
         assert_eq!(upstream_bytes(&p), SIZE);
         assert_eq!(cache_bytes(&p), SIZE);
+    }
+
+    #[test]
+    fn any_name_the_upstream_has_is_opened_on_demand_once() {
+        let data = pattern(8);
+        let up = Upstream::start(&data, Some(&sums_of(&data)));
+        let dir = TempDir::new();
+        let mut x = Exports::default();
+        x.set_on_demand(Arc::new(OnDemand::new(config(&[&up], &dir))));
+        assert_eq!(x.iter().count(), 0);
+        let e = x.find(b"disk").unwrap();
+        assert_eq!(e.size(), SIZE);
+        assert!(e.backend().read_only());
+        let mut b = vec![0u8; 1000];
+        e.backend().read_at(&mut b, 5).unwrap();
+        assert_eq!(b, &data[5..1005]);
+        assert!(Arc::ptr_eq(&e, &x.find(b"disk").unwrap()), "opened once");
+        assert_eq!(
+            x.iter().map(|e| e.name().to_owned()).collect::<Vec<_>>(),
+            ["disk"]
+        );
+        assert!(dir.0.join("disk.cache").exists());
+        // Names the upstream lacks, or that are no file names, open nothing.
+        assert!(x.find(b"nope").is_none());
+        assert!(x.find(b"nope").is_none(), "remembered as failed");
+        assert!(x.find(b"../disk").is_none());
+        assert!(x.find(b"\xff").is_none());
+        assert!(!dir.0.join("nope.cache").exists());
+        // A reload keeps what was opened.
+        let y = Exports::open_reusing(&[], &x).unwrap();
+        assert!(Arc::ptr_eq(&e, &y.find(b"disk").unwrap()));
     }
 
     #[test]
