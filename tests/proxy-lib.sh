@@ -6,12 +6,14 @@
 PROXY_CACHE=/tmp/proxy-cache
 
 # Starts the proxy, logging to $1, with the upstreams given as further
-# arguments (ports on 127.0.0.1).
+# arguments (ports on 127.0.0.1). It proxies export d, or with
+# PROXY_ANY=1 any name a client asks for (--proxy-any).
 start_proxy() {
 	local log=$1 args=()
 	shift
 	for p in "$@"; do args+=(--proxy "127.0.0.1:$p"); done
-	"$SERVER" --listen 127.0.0.1:10810 "${args[@]}" --proxy-export d --proxy-timeout 2 \
+	if [ "${PROXY_ANY:-0}" = 1 ]; then args+=(--proxy-any); else args+=(--proxy-export d); fi
+	"$SERVER" --listen 127.0.0.1:10810 "${args[@]}" --proxy-timeout 2 \
 		--cache-dir "$PROXY_CACHE" >"$log" 2>&1 &
 	PROXY_PID=$!
 	wait_port 10810
