@@ -1,5 +1,6 @@
 # the caching proxy (enbd-server --proxy): a kernel client reads an image through it cold (md5 right, the whole image fetched from the upstream once, its NAME.crc checksums loaded), warm (md5 right, no byte from the upstream, by the proxy's own counter) and after a restart of the proxy (the cache kept: still no byte from the upstream)
 # timeout: 240
+# shellcheck source=tests/proxy-lib.sh
 . "$ENBD_ROOT/tests/proxy-lib.sh"
 img=/tmp/up.img
 size=$((48 << 20))
@@ -20,7 +21,9 @@ grep -q 'upstream checksums loaded' /tmp/enbd-proxy-1.log ||
 	fail "the proxy did not load the upstream's checksums (d.crc)"
 read_through_proxy /tmp/enbd-proxy-1.log 48 "$sum" cold
 expect_eq "$(counter /tmp/enbd-proxy-1.log upstream)" "$size" "bytes from upstream after the cold read"
-[ -f "$PROXY_CACHE/d.cache" ] && [ -f "$PROXY_CACHE/d.map" ] || fail "no cache files in $PROXY_CACHE"
+for f in d.cache d.map; do
+	[ -f "$PROXY_CACHE/$f" ] || fail "no $f in $PROXY_CACHE"
+done
 cached=$(counter /tmp/enbd-proxy-1.log cache)
 
 # Warm: the same bytes, none of them from the upstream.

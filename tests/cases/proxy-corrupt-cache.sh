@@ -1,5 +1,6 @@
 # the caching proxy never serves bad bytes: a byte flipped in its cache file is caught at the next read (logged with the chunk), fetched again from the upstream and served right, the cache file repaired; an upstream whose data fails its own d.crc checksums has that block refused with EIO (logged), the other blocks served; with a good upstream beside it, every block reads right
 # timeout: 240
+# shellcheck source=tests/proxy-lib.sh
 . "$ENBD_ROOT/tests/proxy-lib.sh"
 img=/tmp/up.img
 bad=/tmp/bad.img

@@ -1,5 +1,6 @@
 # the caching proxy (here with --proxy-any: the export is opened when the client asks for it) with two upstreams chooses one by round-trip time; when the chosen one is killed between two reads, the next cold read fails over to the other (logged), and the whole image reads right; with both dead, the cached image still reads right
 # timeout: 240
+# shellcheck source=tests/proxy-lib.sh
 . "$ENBD_ROOT/tests/proxy-lib.sh"
 img=/tmp/up.img
 img2=/tmp/up2.img
