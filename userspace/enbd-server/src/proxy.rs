@@ -329,7 +329,7 @@ impl Proxy {
                 errors.join("; ")
             );
         };
-        let sums = fetch_sums(name, cfg, size, &compatible);
+        let sums = fetch_sums(name, cfg, size, &mut compatible);
         let sums_digest = sums.as_ref().map_or(0, |s| crc32c::crc32c(&s.encode()));
         let unit = sums.as_ref().map_or(CHUNK, Sums::block_size);
         let header = Header {
@@ -478,67 +478,103 @@ impl OnDemand {
     }
 }
 
-/// The upstreams' checksums of `name` (their `NAME.crc` export), from the
-/// first upstream that serves them and checked: their own checksum, our
-/// image size, a block size the proxy can fetch whole. `None`, with a log
-/// line, when no upstream has good ones.
-fn fetch_sums(name: &str, cfg: &ProxyConfig, size: u64, compatible: &[bool]) -> Option<Sums> {
+/// The upstreams' checksums of `name` (their `NAME.crc` export): those of
+/// the first upstream that serves good ones (their own checksum right, our
+/// image size, a block size the proxy can fetch whole). An upstream that
+/// serves other checksums serves another image: it is marked incompatible
+/// in `compatible`, never used. `None`, with a log line, when no upstream
+/// has good ones.
+fn fetch_sums(name: &str, cfg: &ProxyConfig, size: u64, compatible: &mut [bool]) -> Option<Sums> {
     let crc_name = format!("{name}{CRC_SUFFIX}");
-    for (a, _) in cfg.upstreams.iter().zip(compatible).filter(|(_, ok)| **ok) {
-        let mut c = match Conn::connect(a, &crc_name, cfg.timeout) {
-            Ok(c) => c,
+    let mut chosen: Option<Sums> = None;
+    for (a, ok) in cfg.upstreams.iter().zip(compatible.iter_mut()) {
+        if !*ok {
+            continue;
+        }
+        let got = match read_sums(a, &crc_name, cfg.timeout, size) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
             Err(e) => {
-                info!(export = name, upstream = %a, "proxy: no checksums here: {e}");
+                warn!(export = name, upstream = %a, "proxy: checksums refused: {e}");
                 continue;
             }
         };
-        let got = (|| -> Result<Sums, String> {
-            if c.size() > MAX_SIDECAR {
-                return Err(format!("{} bytes is too large for a sidecar", c.size()));
-            }
-            let mut b = vec![0u8; c.size() as usize];
-            let mut done = 0;
-            while done < b.len() {
-                let n = (b.len() - done).min(PIECE as usize);
-                c.read(&mut b[done..done + n], done as u64)
-                    .map_err(|e| e.to_string())?;
-                done += n;
-            }
-            let s = Sums::decode(&b).map_err(|e| e.to_string())?;
-            if s.image_size() != size {
-                return Err(format!(
-                    "they are for {} bytes, the export has {size}",
-                    s.image_size()
-                ));
-            }
-            let bs = s.block_size();
-            if bs % CHUNK != 0 || bs > u64::from(crate::export::MAX_PAYLOAD) {
-                return Err(format!(
-                    "their block size {bs} is not a multiple of {CHUNK} up to 32 MiB"
-                ));
-            }
-            Ok(s)
-        })();
-        c.close();
-        match got {
-            Ok(s) => {
+        match &chosen {
+            None => {
                 info!(
                     export = name,
                     upstream = %a,
-                    blocks = s.blocks(),
+                    blocks = got.blocks(),
                     "proxy: upstream checksums loaded; every fetch is checked"
                 );
-                return Some(s);
+                chosen = Some(got);
             }
-            Err(e) => warn!(export = name, upstream = %a, "proxy: checksums refused: {e}"),
+            Some(c) if *c == got => {}
+            Some(_) => {
+                warn!(
+                    export = name,
+                    upstream = %a,
+                    "proxy: this upstream's checksums differ from the first upstream's \
+                     (another image): not used"
+                );
+                *ok = false;
+            }
         }
     }
-    warn!(
-        export = name,
-        "proxy: no upstream serves checksums ({crc_name}): fetched data is not checked, \
-         only the cache against local corruption"
-    );
-    None
+    if chosen.is_none() {
+        warn!(
+            export = name,
+            "proxy: no upstream serves checksums ({crc_name}): fetched data is not checked, \
+             only the cache against local corruption"
+        );
+    }
+    chosen
+}
+
+/// Upstream `addr`'s checksums from export `crc_name`, checked; `Ok(None)`
+/// when it does not answer or has no such export.
+fn read_sums(
+    addr: &str,
+    crc_name: &str,
+    timeout: Duration,
+    size: u64,
+) -> Result<Option<Sums>, String> {
+    let mut c = match Conn::connect(addr, crc_name, timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            info!(upstream = %addr, "proxy: no checksums here: {e}");
+            return Ok(None);
+        }
+    };
+    let got = (|| -> Result<Sums, String> {
+        if c.size() > MAX_SIDECAR {
+            return Err(format!("{} bytes is too large for a sidecar", c.size()));
+        }
+        let mut b = vec![0u8; c.size() as usize];
+        let mut done = 0;
+        while done < b.len() {
+            let n = (b.len() - done).min(PIECE as usize);
+            c.read(&mut b[done..done + n], done as u64)
+                .map_err(|e| e.to_string())?;
+            done += n;
+        }
+        let s = Sums::decode(&b).map_err(|e| e.to_string())?;
+        if s.image_size() != size {
+            return Err(format!(
+                "they are for {} bytes, the export has {size}",
+                s.image_size()
+            ));
+        }
+        let bs = s.block_size();
+        if bs % CHUNK != 0 || bs > u64::from(crate::export::MAX_PAYLOAD) {
+            return Err(format!(
+                "their block size {bs} is not a multiple of {CHUNK} up to 32 MiB"
+            ));
+        }
+        Ok(s)
+    })();
+    c.close();
+    got.map(Some)
 }
 
 impl Inner {
@@ -1165,6 +1201,19 @@ mod tests {
         assert_eq!(p.0.ups.compatible, vec![true, false]);
         a.kill();
         assert!(read(&p, 0, 10).is_err(), "never read from the other image");
+    }
+
+    #[test]
+    fn an_upstream_with_other_checksums_is_not_used() {
+        let (data, other) = (pattern(9), pattern(10));
+        let a = Upstream::start(&data, Some(&sums_of(&data)));
+        let b = Upstream::start(&other, Some(&sums_of(&other)));
+        let c = Upstream::start(&data, Some(&sums_of(&data)));
+        let dir = TempDir::new();
+        let p = Proxy::open("disk", &config(&[&a, &b, &c], &dir)).unwrap();
+        assert_eq!(p.0.ups.compatible, vec![true, false, true]);
+        a.kill();
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data, "from c, never b");
     }
 
     #[test]
