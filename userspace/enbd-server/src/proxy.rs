@@ -28,7 +28,8 @@ use crate::export::{Export, CRC_SUFFIX};
 
 /// Locks that make concurrent misses of one fetch unit fetch it once.
 const LOCKS: usize = 64;
-/// Bytes asked for in one upstream `READ`.
+/// Bytes asked for in one upstream `READ` (less if the upstream's
+/// maximum block size is smaller).
 const PIECE: u64 = 4 << 20;
 /// Largest checksum sidecar accepted from an upstream (that of a 256 TiB
 /// image): the upstream is not trusted with our memory.
@@ -142,9 +143,15 @@ impl Upstreams {
     /// Reads `buf.len()` bytes at `off` from upstream `i`, in pieces.
     fn read(&self, i: usize, buf: &mut [u8], off: u64) -> Result<(), ClientError> {
         self.with_conn(i, |c| {
+            // Within the upstream's maximum request size, if it gave one.
+            let piece = c
+                .info()
+                .block_sizes
+                .map_or(PIECE, |(_, _, max)| u64::from(max).clamp(4096, PIECE))
+                as usize;
             let mut done = 0usize;
             while done < buf.len() {
-                let n = (buf.len() - done).min(PIECE as usize);
+                let n = (buf.len() - done).min(piece);
                 c.read(&mut buf[done..done + n], off + done as u64)?;
                 done += n;
             }
