@@ -1,8 +1,8 @@
 //! The caching proxy (`--proxy`): exports that live on upstream NBD
 //! servers, fetched on demand into a local cache (`cache.rs`) and served
-//! from it. Upstreams are chosen by round-trip time and hysteresis with
-//! `enbd_core::replica`, the logic the client uses; a failing upstream is
-//! left for the next. With the upstream's checksums (its `NAME.crc`
+//! from it. Upstreams are chosen by round-trip time, with hysteresis and
+//! a probe schedule, by `enbd_core::replica`; a failing upstream is left
+//! for the next. With the upstream's checksums (its `NAME.crc`
 //! export) every fetched block is checked before it is cached or served,
 //! and a bad one is fetched again from another upstream. Every cached read
 //! is checked against the chunk's CRC in the map, so a cache file changed
