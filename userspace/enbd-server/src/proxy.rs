@@ -960,6 +960,11 @@ mod tests {
                 let e = Export::with_storage("disk.crc", "", Box::new(b));
                 exports.add_proxied(vec![Arc::new(e)]).unwrap();
             }
+            Self::serve(exports, dir)
+        }
+
+        /// Serves `exports` on a localhost port.
+        fn serve(exports: Exports, dir: TempDir) -> Self {
             let exports = Arc::new(exports);
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap().to_string();
@@ -1273,6 +1278,29 @@ mod tests {
         // A reload keeps what was opened.
         let y = Exports::open_reusing(&[], &x).unwrap();
         assert!(Arc::ptr_eq(&e, &y.find(b"disk").unwrap()));
+    }
+
+    #[test]
+    fn a_client_reads_through_the_proxy_over_nbd() {
+        let data = pattern(11);
+        let up = Upstream::start(&data, Some(&sums_of(&data)));
+        let dir = TempDir::new();
+        let cfg = config(&[&up], &dir);
+        let mut x = Exports::default();
+        x.add_proxied(open_exports(&["disk".to_owned()], &cfg).unwrap())
+            .unwrap();
+        let proxy = Upstream::serve(x, TempDir::new());
+        let mut c = Conn::connect(&proxy.addr, "disk", Duration::from_secs(5)).unwrap();
+        assert_eq!(c.size(), SIZE);
+        assert_ne!(c.info().flags & enbd_core::wire::tx::READ_ONLY, 0);
+        let mut b = vec![0u8; 300_000];
+        c.read(&mut b, 777).unwrap();
+        assert_eq!(b, &data[777..300_777]);
+        // The default export is the proxied one; the upstream's sidecar is
+        // no export of the proxy.
+        assert!(Conn::connect(&proxy.addr, "", Duration::from_secs(5)).is_ok());
+        assert!(Conn::connect(&proxy.addr, "disk.crc", Duration::from_secs(5)).is_err());
+        c.close();
     }
 
     #[test]
