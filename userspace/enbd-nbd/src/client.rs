@@ -1,12 +1,14 @@
 //! A blocking NBD connection for reading: connect, negotiate one export,
 //! then `READ`s one at a time with simple replies. Every wait is bounded
-//! by the timeout given at connect time. The server is not trusted: each
+//! by the timeout given at connect time, and the whole handshake by twice
+//! it (name resolution aside: the system resolver has no timeout we can
+//! set). The server is not trusted: each
 //! reply's magic and cookie are checked, and a reply that does not match
 //! the request ends the connection with an error, never a panic.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use enbd_core::wire::{errno, Cmd, Request, SimpleReply};
 
@@ -59,6 +61,45 @@ fn errno_name(e: u32) -> &'static str {
     }
 }
 
+/// A stream whose every read and write ends by `deadline`: the socket's
+/// timeout is shrunk toward it, so a server that trickles bytes (each
+/// within the timeout) cannot make the handshake last.
+struct ByDeadline<'a> {
+    s: &'a mut TcpStream,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl ByDeadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        Ok(left.min(self.timeout))
+    }
+}
+
+impl Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let t = self.left()?;
+        self.s.set_read_timeout(Some(t))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for ByDeadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let t = self.left()?;
+        self.s.set_write_timeout(Some(t))?;
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
+}
+
 /// One negotiated connection to one export.
 #[derive(Debug)]
 pub struct Conn {
@@ -69,8 +110,8 @@ pub struct Conn {
 
 impl Conn {
     /// Connects to `addr` (`HOST:PORT`), trying each address it resolves to
-    /// within `timeout`, and negotiates `export`. The timeout then bounds
-    /// every read and write on the connection.
+    /// within `timeout`, and negotiates `export` within twice `timeout`.
+    /// The timeout then bounds every read and write on the connection.
     pub fn connect(addr: &str, export: &str, timeout: Duration) -> Result<Self, ClientError> {
         let err = |source| ClientError::Connect {
             addr: addr.to_owned(),
@@ -95,8 +136,15 @@ impl Conn {
             addr: addr.to_owned(),
             source,
         };
-        let nz = negotiate::greet(&mut stream).map_err(hs)?;
-        let info = negotiate::go(&mut stream, export, nz).map_err(hs)?;
+        let mut b = ByDeadline {
+            s: &mut stream,
+            timeout,
+            deadline: Instant::now() + timeout * 2,
+        };
+        let nz = negotiate::greet(&mut b).map_err(hs)?;
+        let info = negotiate::go(&mut b, export, nz).map_err(hs)?;
+        stream.set_read_timeout(Some(timeout)).map_err(err)?;
+        stream.set_write_timeout(Some(timeout)).map_err(err)?;
         Ok(Self {
             stream,
             info,
@@ -107,6 +155,14 @@ impl Conn {
     /// What the server announced for the export.
     pub fn info(&self) -> &ExportInfo {
         &self.info
+    }
+
+    /// Bounds each later read and write on the connection by `t` (at
+    /// least a millisecond: a zero timeout would mean none).
+    pub fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
+        let t = t.max(Duration::from_millis(1));
+        self.stream.set_read_timeout(Some(t))?;
+        self.stream.set_write_timeout(Some(t))
     }
 
     /// The export's size.

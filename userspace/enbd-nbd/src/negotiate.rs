@@ -27,6 +27,9 @@ pub enum NegotiateError {
     #[error("server refused export '{export}': {reason}{}", msg_suffix(.message))]
     Refused {
         export: String,
+        /// The reply type (`rep::ERR_*`), so callers can tell "unknown
+        /// export" from other refusals.
+        code: u32,
         reason: &'static str,
         message: String,
     },
@@ -36,6 +39,8 @@ pub enum NegotiateError {
     Unexpected { option: &'static str, reply: u32 },
     #[error("server sent no export information")]
     NoExportInfo,
+    #[error("server sent more than {MAX_REPLIES} replies to one option")]
+    TooManyReplies,
     #[error("server refused TLS: {reason}{}", msg_suffix(.message))]
     NoTls {
         reason: &'static str,
@@ -48,6 +53,14 @@ fn msg_suffix(m: &str) -> String {
         String::new()
     } else {
         format!(" ({m})")
+    }
+}
+
+impl NegotiateError {
+    /// Whether the server said it has no such export (`ERR_UNKNOWN`), as
+    /// opposed to failing or refusing for another reason.
+    pub fn is_unknown_export(&self) -> bool {
+        matches!(self, NegotiateError::Refused { code, .. } if *code == rep::ERR_UNKNOWN)
     }
 }
 
@@ -81,6 +94,9 @@ fn send_option(s: &mut impl Write, option: u32, payload: &[u8]) -> Result<(), Ne
 
 /// Longest option reply accepted.
 pub const MAX_REPLY_LEN: u32 = 1 << 20;
+/// Most replies accepted to one `GO` (the client asks for one `INFO` type):
+/// a server cannot keep the client in the loop.
+pub const MAX_REPLIES: usize = 64;
 
 fn read_reply(
     s: &mut impl Read,
@@ -148,7 +164,12 @@ pub fn go(
     send_option(s, opt::GO, &payload[..n])?;
     let mut export_info = None;
     let mut block_sizes = None;
+    let mut replies = 0;
     loop {
+        replies += 1;
+        if replies > MAX_REPLIES {
+            return Err(NegotiateError::TooManyReplies);
+        }
         let (h, payload) = read_reply(s, opt::GO)?;
         match h.reply {
             rep::ACK => break,
@@ -165,6 +186,7 @@ pub fn go(
             r if rep::is_err(r) => {
                 return Err(NegotiateError::Refused {
                     export: export.to_owned(),
+                    code: r,
                     reason: rep::describe(r),
                     message: String::from_utf8_lossy(&payload).into_owned(),
                 })
@@ -227,6 +249,7 @@ pub fn list(s: &mut (impl Read + Write)) -> Result<Vec<(String, String)>, Negoti
             r if rep::is_err(r) => {
                 return Err(NegotiateError::Refused {
                     export: String::new(),
+                    code: r,
                     reason: rep::describe(r),
                     message: String::from_utf8_lossy(&payload).into_owned(),
                 })
@@ -339,6 +362,7 @@ mod tests {
         };
         greet(&mut p).unwrap();
         let e = go(&mut p, "nope", true).unwrap_err();
+        assert!(e.is_unknown_export());
         assert_eq!(
             e.to_string(),
             "server refused export 'nope': no such export (no such export: nope)"
@@ -377,6 +401,30 @@ mod tests {
             matches!(e, NegotiateError::Protocol(wire::WireError::TooLong(_))),
             "{e}"
         );
+    }
+
+    #[test]
+    fn endless_info_replies_are_refused() {
+        let mut input = greeting();
+        let mut b = [0u8; 16];
+        let n = Info::Export {
+            size: 4096,
+            flags: 1,
+        }
+        .encode(&mut b)
+        .unwrap();
+        for _ in 0..MAX_REPLIES + 1 {
+            input.extend(reply(opt::GO, rep::INFO, &b[..n]));
+        }
+        input.extend(reply(opt::GO, rep::ACK, &[]));
+        let mut p = Peer {
+            input: Cursor::new(input),
+            output: vec![],
+        };
+        greet(&mut p).unwrap();
+        let e = go(&mut p, "d", true).unwrap_err();
+        assert!(matches!(e, NegotiateError::TooManyReplies), "{e}");
+        assert!(!e.is_unknown_export());
     }
 
     #[test]
