@@ -1,6 +1,11 @@
 //! The caching proxy's local copy of one proxied export: a sparse data file
-//! of the image's size (`NAME.cache`) and a map file (`NAME.map`) that says
-//! which chunks of it are present, each with the CRC32C of its bytes.
+//! of the image's size (`NAME.cache`), a map file (`NAME.map`) that says
+//! which chunks of it are present, each with the CRC32C of its bytes, and
+//! a copy of the upstream's checksum sidecar (`NAME.crc`) the cache was
+//! filled under. The cache is kept across opens only if the upstream now
+//! serves a sidecar byte for byte the same (a CRC of it could collide);
+//! without upstream checksums nothing ties the cache to the image (another
+//! image of the same size looks the same), so it starts empty each time.
 //!
 //! Nothing is synced per chunk: every read of a cached chunk reads the whole
 //! chunk and checks it against its CRC in the map, so data that did not
@@ -109,6 +114,20 @@ pub fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The copy of the upstream's sidecar kept with export `name`'s cache.
+pub fn sidecar_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.crc"))
+}
+
+/// The header of export `name`'s map in `dir`, if there is a valid one:
+/// what the cache was last filled under.
+pub fn recorded(dir: &Path, name: &str) -> Option<Header> {
+    let f = File::open(paths(dir, name).1).ok()?;
+    let mut hb = [0u8; HEADER_LEN as usize];
+    f.read_exact_at(&mut hb, 0).ok()?;
+    Header::decode(&hb).ok()
+}
+
 /// One map entry's bytes: the chunk's CRC32C and its complement, so a
 /// zeroed or torn entry reads as absent.
 fn entry_bytes(crc: Option<u32>) -> [u8; 8] {
@@ -128,10 +147,12 @@ fn decode_entry(b: &[u8]) -> Option<u32> {
 
 impl Cache {
     /// Opens export `name`'s cache in `dir` for an image described by
-    /// `want`, keeping what it holds if its map matches, starting empty
-    /// (with a log line saying why) otherwise. Locks both files so that
-    /// two proxies cannot share one cache.
-    pub fn open(dir: &Path, name: &str, want: Header) -> Result<Self> {
+    /// `want` and the upstream's `sidecar` bytes, keeping what it holds if
+    /// its map matches and the kept sidecar is `sidecar` byte for byte,
+    /// starting empty (with a log line saying why) otherwise, and always
+    /// without a sidecar. Locks both files so that two proxies cannot
+    /// share one cache.
+    pub fn open(dir: &Path, name: &str, want: Header, sidecar: Option<&[u8]>) -> Result<Self> {
         if want.image_size > MAX_IMAGE {
             anyhow::bail!(
                 "export '{name}': the upstream announces {} bytes, more than the proxy caches \
@@ -155,7 +176,24 @@ impl Cache {
                 .with_context(|| format!("cannot use the cache file {}", p.display()))?;
         }
         let n = want.chunks();
-        let kept = match Self::load(&map, want) {
+        let side_path = sidecar_path(dir, name);
+        let loaded = match sidecar {
+            None => Err(
+                "the upstream serves no checksums, so nothing ties the cache to its \
+                         image: it starts empty"
+                    .to_owned(),
+            ),
+            Some(want_side) => match std::fs::read(&side_path) {
+                Ok(b) if b == want_side => Self::load(&map, want),
+                Ok(_) => Err(
+                    "the upstream's checksums differ from those it was filled under \
+                              (another image)"
+                        .to_owned(),
+                ),
+                Err(e) => Err(format!("no copy of the checksums it was filled under: {e}")),
+            },
+        };
+        let kept = match loaded {
             Ok(entries) => Some(entries),
             Err(why) => {
                 if map.metadata()?.len() > 0 {
@@ -171,11 +209,26 @@ impl Cache {
         let entries = match kept {
             Some(e) => e,
             None => {
-                // Start over: empty data (the old bytes are not ours any
-                // more), then a map of absent chunks.
+                // Start over: no map (so a crash in between leaves no
+                // cache), empty data (the old bytes are not ours any more),
+                // the sidecar, then a map of absent chunks.
                 let len = (n * ENTRY_LEN) + HEADER_LEN;
-                data.set_len(0)?;
                 map.set_len(0)?;
+                map.sync_all()?;
+                data.set_len(0)?;
+                match sidecar {
+                    Some(b) => write_synced(&side_path, b).with_context(|| {
+                        format!("cannot write the sidecar copy {}", side_path.display())
+                    })?,
+                    None => match std::fs::remove_file(&side_path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("cannot remove {}", side_path.display()))
+                        }
+                    },
+                }
                 map.set_len(len)?;
                 map.write_all_at(&want.encode(), 0)?;
                 map.sync_all()?;
@@ -253,14 +306,22 @@ impl Cache {
         (v & PRESENT != 0).then_some(v as u32)
     }
 
+    /// Records chunk `i` present with `crc` or absent: a chunk is present
+    /// in memory only once its map entry is written, absent at once.
     fn set(&self, i: u64, crc: Option<u32>) -> io::Result<()> {
         let e = usize::try_from(i)
             .ok()
             .and_then(|i| self.entries.get(i))
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        e.store(crc.map_or(0, |c| PRESENT | u64::from(c)), Ordering::Release);
+        if crc.is_none() {
+            e.store(0, Ordering::Release);
+        }
         self.map
-            .write_all_at(&entry_bytes(crc), HEADER_LEN + i * ENTRY_LEN)
+            .write_all_at(&entry_bytes(crc), HEADER_LEN + i * ENTRY_LEN)?;
+        if let Some(c) = crc {
+            e.store(PRESENT | u64::from(c), Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Reads chunk `i` into `buf` (its length) and checks it against its
@@ -285,6 +346,13 @@ impl Cache {
     }
 }
 
+/// Writes `path` whole and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let f = File::create(path)?;
+    f.write_all_at(bytes, 0)?;
+    f.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +367,10 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         d
     }
+
+    /// Sidecar bytes (the cache does not parse them).
+    const A: Option<&[u8]> = Some(b"sidecar a");
+    const B: Option<&[u8]> = Some(b"sidecar b");
 
     fn header(size: u64) -> Header {
         Header {
@@ -328,12 +400,12 @@ mod tests {
         let size = 3 * CHUNK + 100;
         let data = vec![5u8; CHUNK as usize];
         {
-            let c = Cache::open(&d, "x", header(size)).unwrap();
+            let c = Cache::open(&d, "x", header(size), A).unwrap();
             assert_eq!(c.chunks(), 4);
             c.store_chunk(1, &data).unwrap();
             c.store_chunk(3, &data[..100]).unwrap();
         }
-        let c = Cache::open(&d, "x", header(size)).unwrap();
+        let c = Cache::open(&d, "x", header(size), A).unwrap();
         assert_eq!(c.get(0), None);
         assert_eq!(c.get(1), Some(crc32c::crc32c(&data)));
         let mut buf = vec![0u8; CHUNK as usize];
@@ -351,7 +423,7 @@ mod tests {
         let (_, map) = paths(&d, "x");
         let f = OpenOptions::new().write(true).open(&map).unwrap();
         f.write_all_at(&[1], HEADER_LEN + 3 * ENTRY_LEN).unwrap();
-        let c = Cache::open(&d, "x", header(size)).unwrap();
+        let c = Cache::open(&d, "x", header(size), A).unwrap();
         assert_eq!((c.get(1), c.get(3)), (None, None));
         c.store_chunk(0, &data).unwrap();
         drop(c);
@@ -360,25 +432,58 @@ mod tests {
             sums_digest: 8,
             ..header(size)
         };
-        let c = Cache::open(&d, "x", other).unwrap();
+        let c = Cache::open(&d, "x", other, B).unwrap();
         assert_eq!(c.get(0), None);
         drop(c);
         // As is a map with a corrupt header.
-        let c = Cache::open(&d, "x", other).unwrap();
+        let c = Cache::open(&d, "x", other, B).unwrap();
         c.store_chunk(0, &data).unwrap();
         drop(c);
         f.write_all_at(&[0xff], 20).unwrap();
-        let c = Cache::open(&d, "x", other).unwrap();
+        let c = Cache::open(&d, "x", other, B).unwrap();
         assert_eq!(c.get(0), None);
         drop(c);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
+    fn a_cache_is_kept_only_under_the_same_sidecar_bytes() {
+        let d = dir();
+        let data = vec![5u8; CHUNK as usize];
+        let fill = |side| {
+            let c = Cache::open(&d, "x", header(2 * CHUNK), side).unwrap();
+            c.store_chunk(0, &data).unwrap();
+        };
+        let kept = |side| {
+            Cache::open(&d, "x", header(2 * CHUNK), side)
+                .unwrap()
+                .get(0)
+        };
+        fill(A);
+        assert_eq!(std::fs::read(sidecar_path(&d, "x")).unwrap(), A.unwrap());
+        assert!(kept(A).is_some());
+        // Another sidecar under the same header (as if its CRC collided).
+        assert_eq!(kept(B), None);
+        // Without upstream checksums nothing is ever kept, not even a
+        // cache filled without them.
+        fill(A);
+        assert_eq!(kept(None), None);
+        assert!(!sidecar_path(&d, "x").exists());
+        fill(None);
+        assert_eq!(kept(None), None);
+        // A lost sidecar copy loses the cache.
+        fill(A);
+        std::fs::remove_file(sidecar_path(&d, "x")).unwrap();
+        assert_eq!(kept(A), None);
+        assert_eq!(recorded(&d, "x"), Some(header(2 * CHUNK)));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn two_proxies_cannot_share_a_cache() {
         let d = dir();
-        let _c = Cache::open(&d, "x", header(CHUNK)).unwrap();
-        let e = format!("{:#}", Cache::open(&d, "x", header(CHUNK)).unwrap_err());
+        let _c = Cache::open(&d, "x", header(CHUNK), A).unwrap();
+        let e = format!("{:#}", Cache::open(&d, "x", header(CHUNK), A).unwrap_err());
         assert!(e.contains("in use"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -386,7 +491,10 @@ mod tests {
     #[test]
     fn an_absurd_size_is_refused() {
         let d = dir();
-        let e = format!("{:#}", Cache::open(&d, "x", header(u64::MAX)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Cache::open(&d, "x", header(u64::MAX), A).unwrap_err()
+        );
         assert!(e.contains("more than the proxy caches"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -50,12 +50,14 @@ pub struct Options {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     /// The caching proxy's upstreams, exports and cache (`--proxy`,
-    /// `--proxy-export`, `--cache-dir`, `--proxy-timeout`, `--replicate`).
+    /// `--proxy-export`, `--proxy-any`, `--proxy-unchecked`, `--cache-dir`, `--proxy-timeout`,
+    /// `--replicate`).
     #[serde(rename = "proxy")]
     proxy_upstreams: Option<Vec<String>>,
     #[serde(rename = "proxy-export")]
     proxy_exports: Option<Vec<String>>,
     proxy_any: Option<bool>,
+    proxy_unchecked: Option<bool>,
     cache_dir: Option<PathBuf>,
     proxy_timeout: Option<u64>,
     /// A rate as on the command line: "32M".
@@ -290,6 +292,7 @@ impl Options {
         take!(proxy_upstreams);
         take!(proxy_exports);
         take!(proxy_any);
+        take!(proxy_unchecked);
         take!(cache_dir, Some);
         take!(proxy_timeout);
         take!(replicate, |v: String| crate::budget::parse_size(&v).ok());

@@ -103,6 +103,11 @@ struct Cli {
     #[arg(long, default_value_t = 5, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..))]
     proxy_timeout: u64,
+    /// Allow several --proxy upstreams for an export whose upstreams serve
+    /// no checksums (NAME.crc): nothing then tells apart two different
+    /// images of one size.
+    #[arg(long)]
+    proxy_unchecked: bool,
     /// Fill each proxied export's whole cache in the background, fetching
     /// at most RATE bytes a second (K, M, G suffixes).
     #[arg(long, value_name = "RATE", value_parser = budget::parse_size)]
@@ -259,6 +264,7 @@ fn proxy_config(cli: &Cli) -> Result<Option<proxy::ProxyConfig>> {
         cache_dir,
         timeout: Duration::from_secs(cli.proxy_timeout),
         replicate: cli.replicate,
+        unchecked: cli.proxy_unchecked,
     }))
 }
 

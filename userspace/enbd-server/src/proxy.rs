@@ -36,6 +36,12 @@ const PIECE: u64 = 4 << 20;
 const MAX_SIDECAR: u64 = 64 << 20;
 /// Bytes of the probe `READ` that measures an upstream's round trip.
 const PROBE_LEN: u64 = 4096;
+/// A fetch of one unit from one upstream ends within this many
+/// `--proxy-timeout`s (connecting aside), so an upstream that trickles
+/// bytes, each within the timeout, cannot hold a unit's lock for long.
+const FETCH_TIMEOUTS: u32 = 4;
+/// Tries of one unit by the replication before it is skipped.
+const REPLICATE_TRIES: u32 = 3;
 
 /// What the command line says about proxying.
 #[derive(Debug, Clone)]
@@ -48,6 +54,9 @@ pub struct ProxyConfig {
     pub timeout: Duration,
     /// Fill the whole cache in the background at this many bytes a second.
     pub replicate: Option<u64>,
+    /// Allow several upstreams for an export without upstream checksums
+    /// (`--proxy-unchecked`): nothing then tells their images apart.
+    pub unchecked: bool,
 }
 
 /// An export name the proxy can keep a cache for: it becomes a file name.
@@ -91,6 +100,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Reads `buf.len()` bytes at `off` over `c` in pieces within the
+/// upstream's maximum request size (if it gave one), all by `deadline`:
+/// each socket wait is bounded by `timeout` shrunk toward it.
+fn read_by(
+    c: &mut Conn,
+    buf: &mut [u8],
+    off: u64,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<(), ClientError> {
+    let piece = c
+        .info()
+        .block_sizes
+        .map_or(PIECE, |(_, _, max)| u64::from(max).clamp(4096, PIECE)) as usize;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} of {} bytes in {FETCH_TIMEOUTS} timeouts: too slow",
+                    done,
+                    buf.len()
+                ),
+            )));
+        }
+        c.set_timeout(left.min(timeout))?;
+        let n = (buf.len() - done).min(piece);
+        c.read(&mut buf[done..done + n], off + done as u64)?;
+        done += n;
+    }
+    Ok(())
+}
+
 impl Upstreams {
     fn connect(&self, i: usize) -> Result<Conn, ClientError> {
         let c = Conn::connect(&self.addrs[i], &self.export, self.timeout)?;
@@ -106,11 +150,12 @@ impl Upstreams {
 
     /// Runs `f` on a connection to upstream `i`: an idle one, and if that
     /// fails on the connection (the upstream may have closed it while it
-    /// was idle) a new one. The connection goes back to the idle list
-    /// unless it failed.
+    /// was idle) a new one, unless `deadline` has passed. The connection
+    /// goes back to the idle list unless it failed.
     fn with_conn<T>(
         &self,
         i: usize,
+        deadline: Instant,
         mut f: impl FnMut(&mut Conn) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         let pooled = lock(&self.idle[i]).pop();
@@ -123,6 +168,7 @@ impl Upstreams {
         for c in tries {
             let mut c = match c {
                 Some(c) => c,
+                None if last.is_some() && Instant::now() >= deadline => break,
                 None => self.connect(i)?,
             };
             match f(&mut c) {
@@ -140,22 +186,12 @@ impl Upstreams {
         Err(last.unwrap_or_else(|| ClientError::Io(io::Error::other("no connection"))))
     }
 
-    /// Reads `buf.len()` bytes at `off` from upstream `i`, in pieces.
+    /// Reads `buf.len()` bytes at `off` from upstream `i`, in pieces,
+    /// within [`FETCH_TIMEOUTS`] timeouts.
     fn read(&self, i: usize, buf: &mut [u8], off: u64) -> Result<(), ClientError> {
-        self.with_conn(i, |c| {
-            // Within the upstream's maximum request size, if it gave one.
-            let piece = c
-                .info()
-                .block_sizes
-                .map_or(PIECE, |(_, _, max)| u64::from(max).clamp(4096, PIECE))
-                as usize;
-            let mut done = 0usize;
-            while done < buf.len() {
-                let n = (buf.len() - done).min(piece);
-                c.read(&mut buf[done..done + n], off + done as u64)?;
-                done += n;
-            }
-            Ok(())
+        let deadline = Instant::now() + self.timeout * FETCH_TIMEOUTS;
+        self.with_conn(i, deadline, |c| {
+            read_by(c, buf, off, self.timeout, deadline)
         })
     }
 
@@ -213,11 +249,10 @@ impl Upstreams {
             let mut buf = vec![0u8; len];
             // Connecting is not part of the round trip: a connection is made
             // first if none is idle.
-            let t = self.with_conn(i, |c| {
+            let deadline = Instant::now() + self.timeout;
+            let t = self.with_conn(i, deadline, |c| {
                 let start = Instant::now();
-                if len > 0 {
-                    c.read(&mut buf, 0)?;
-                }
+                read_by(c, &mut buf, 0, self.timeout, start + self.timeout)?;
                 Ok(start.elapsed())
             });
             times.push(t.ok());
@@ -302,12 +337,14 @@ impl Proxy {
         let n = cfg.upstreams.len();
         let mut size = None;
         let mut compatible = vec![false; n];
+        let mut reached = vec![false; n];
         let mut conns: Vec<Option<Conn>> = Vec::new();
         let mut errors = Vec::new();
         for (i, a) in cfg.upstreams.iter().enumerate() {
             match Conn::connect(a, name, cfg.timeout) {
                 Ok(c) => {
                     let s = *size.get_or_insert(c.size());
+                    reached[i] = true;
                     if c.size() == s {
                         compatible[i] = true;
                         conns.push(Some(c));
@@ -336,15 +373,20 @@ impl Proxy {
                 errors.join("; ")
             );
         };
-        let sums = fetch_sums(name, cfg, size, &mut compatible);
-        let sums_digest = sums.as_ref().map_or(0, |s| crc32c::crc32c(&s.encode()));
+        let got = fetch_sums(name, cfg, size, &mut compatible, &reached)?;
+        let (sums, sidecar) = got.map_or((None, None), |(s, b)| (Some(s), Some(b)));
+        if sums.is_none() {
+            unchecked_allowed(name, cfg)?;
+        }
+        // Never 0, which says "no sidecar".
+        let sums_digest = sidecar.as_ref().map_or(0, |b| crc32c::crc32c(b).max(1));
         let unit = sums.as_ref().map_or(CHUNK, Sums::block_size);
         let header = Header {
             chunk: CHUNK as u32,
             image_size: size,
             sums_digest,
         };
-        let cache = Cache::open(&cfg.cache_dir, name, header)
+        let cache = Cache::open(&cfg.cache_dir, name, header, sidecar.as_deref())
             .with_context(|| format!("export '{name}'"))?;
         let ups = Upstreams {
             addrs: cfg.upstreams.clone(),
@@ -485,24 +527,86 @@ impl OnDemand {
     }
 }
 
-/// The upstreams' checksums of `name` (their `NAME.crc` export): those of
-/// the first upstream that serves good ones (their own checksum right, our
-/// image size, a block size the proxy can fetch whole). An upstream that
-/// serves other checksums serves another image: it is marked incompatible
-/// in `compatible`, never used. `None`, with a log line, when no upstream
-/// has good ones.
-fn fetch_sums(name: &str, cfg: &ProxyConfig, size: u64, compatible: &mut [bool]) -> Option<Sums> {
+/// Whether export `name` may be served without upstream checksums. Not
+/// if its cache was filled with them (the upstream lost them, or another
+/// server answers now: checking is not switched off silently), nor from
+/// several upstreams unless `--proxy-unchecked` (nothing tells their images
+/// apart if they hold different ones of one size).
+fn unchecked_allowed(name: &str, cfg: &ProxyConfig) -> Result<()> {
+    if crate::cache::recorded(&cfg.cache_dir, name).is_some_and(|h| h.sums_digest != 0) {
+        anyhow::bail!(
+            "export '{name}': its cache in {} was filled with the upstream's checksums \
+             ({name}{CRC_SUFFIX}), which no upstream serves now: not served unchecked (remove \
+             {name}.map there to accept that)",
+            cfg.cache_dir.display()
+        );
+    }
+    if cfg.upstreams.len() > 1 && !cfg.unchecked {
+        anyhow::bail!(
+            "export '{name}': no upstream serves checksums ({name}{CRC_SUFFIX}), so nothing \
+             tells the upstreams' images apart: give one upstream, serve checksums \
+             (`enbd-server checksum`, ',crc'), or accept the risk with --proxy-unchecked"
+        );
+    }
+    warn!(
+        export = name,
+        "proxy: no upstream serves checksums ({name}{CRC_SUFFIX}): fetched data is not \
+         checked, only the cache against local corruption, and the cache starts empty at \
+         every open"
+    );
+    Ok(())
+}
+
+/// The upstreams' checksums of `name` (their `NAME.crc` export) and the
+/// sidecar's bytes: those of the first upstream of `reached` (it answered
+/// just now) that serves good ones (their own checksum right, our image
+/// size, a block size the proxy can fetch whole). An upstream that serves
+/// other or damaged checksums is marked incompatible in `compatible`, never
+/// used. `Ok(None)` only when every upstream asked says it has no such
+/// export; an upstream that cannot be asked (twice) fails the open unless
+/// another serves checksums, as does a damaged sidecar unless another
+/// serves a good one: checking is never switched off by a failure.
+fn fetch_sums(
+    name: &str,
+    cfg: &ProxyConfig,
+    size: u64,
+    compatible: &mut [bool],
+    reached: &[bool],
+) -> Result<Option<(Sums, Vec<u8>)>> {
     let crc_name = format!("{name}{CRC_SUFFIX}");
-    let mut chosen: Option<Sums> = None;
-    for (a, ok) in cfg.upstreams.iter().zip(compatible.iter_mut()) {
+    let mut chosen: Option<(Sums, Vec<u8>)> = None;
+    let mut failures = Vec::new();
+    for ((a, ok), _) in cfg
+        .upstreams
+        .iter()
+        .zip(compatible.iter_mut())
+        .zip(reached)
+        .filter(|(_, r)| **r)
+    {
         if !*ok {
             continue;
         }
-        let got = match read_sums(a, &crc_name, cfg.timeout, size) {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err(e) => {
-                warn!(export = name, upstream = %a, "proxy: checksums refused: {e}");
+        let mut got = read_sums(a, &crc_name, cfg.timeout, size);
+        if let Sidecar::Failed(e) = &got {
+            warn!(export = name, upstream = %a, "proxy: cannot read {crc_name}: {e}; again");
+            got = read_sums(a, &crc_name, cfg.timeout, size);
+        }
+        let (got, bytes) = match got {
+            Sidecar::Good(s, b) => (s, b),
+            Sidecar::Absent => continue,
+            Sidecar::Failed(e) => {
+                warn!(export = name, upstream = %a, "proxy: cannot read {crc_name}: {e}");
+                failures.push(format!("{a}: {e}"));
+                continue;
+            }
+            Sidecar::Bad(e) => {
+                warn!(
+                    export = name,
+                    upstream = %a,
+                    "proxy: this upstream's {crc_name} is damaged ({e}): not used"
+                );
+                failures.push(format!("{a}: damaged {crc_name}: {e}"));
+                *ok = false;
                 continue;
             }
         };
@@ -514,9 +618,9 @@ fn fetch_sums(name: &str, cfg: &ProxyConfig, size: u64, compatible: &mut [bool])
                     blocks = got.blocks(),
                     "proxy: upstream checksums loaded; every fetch is checked"
                 );
-                chosen = Some(got);
+                chosen = Some((got, bytes));
             }
-            Some(c) if *c == got => {}
+            Some((_, c)) if *c == bytes => {}
             Some(_) => {
                 warn!(
                     export = name,
@@ -528,60 +632,65 @@ fn fetch_sums(name: &str, cfg: &ProxyConfig, size: u64, compatible: &mut [bool])
             }
         }
     }
-    if chosen.is_none() {
-        warn!(
-            export = name,
-            "proxy: no upstream serves checksums ({crc_name}): fetched data is not checked, \
-             only the cache against local corruption"
+    if chosen.is_none() && !failures.is_empty() {
+        anyhow::bail!(
+            "export '{name}': cannot tell whether the upstreams serve checksums \
+             ({}): not served unchecked",
+            failures.join("; ")
         );
     }
-    chosen
+    Ok(chosen)
 }
 
-/// Upstream `addr`'s checksums from export `crc_name`, checked; `Ok(None)`
-/// when it does not answer or has no such export.
-fn read_sums(
-    addr: &str,
-    crc_name: &str,
-    timeout: Duration,
-    size: u64,
-) -> Result<Option<Sums>, String> {
+/// What an upstream answered for the checksum sidecar.
+#[derive(Debug)]
+enum Sidecar {
+    /// The checksums and the sidecar's bytes, checked.
+    Good(Sums, Vec<u8>),
+    /// It said it has no such export.
+    Absent,
+    /// It could not be asked (connect, handshake, read): try again.
+    Failed(String),
+    /// It served a sidecar that is damaged or not for our image.
+    Bad(String),
+}
+
+/// Upstream `addr`'s checksums from export `crc_name`, checked.
+fn read_sums(addr: &str, crc_name: &str, timeout: Duration, size: u64) -> Sidecar {
     let mut c = match Conn::connect(addr, crc_name, timeout) {
         Ok(c) => c,
-        Err(e) => {
-            info!(upstream = %addr, "proxy: no checksums here: {e}");
-            return Ok(None);
+        Err(ClientError::Handshake { source, .. }) if source.is_unknown_export() => {
+            info!(upstream = %addr, "proxy: no checksums here: {source}");
+            return Sidecar::Absent;
         }
+        Err(e) => return Sidecar::Failed(e.to_string()),
     };
-    let got = (|| -> Result<Sums, String> {
-        if c.size() > MAX_SIDECAR {
-            return Err(format!("{} bytes is too large for a sidecar", c.size()));
-        }
-        let mut b = vec![0u8; c.size() as usize];
-        let mut done = 0;
-        while done < b.len() {
-            let n = (b.len() - done).min(PIECE as usize);
-            c.read(&mut b[done..done + n], done as u64)
-                .map_err(|e| e.to_string())?;
-            done += n;
-        }
-        let s = Sums::decode(&b).map_err(|e| e.to_string())?;
-        if s.image_size() != size {
-            return Err(format!(
-                "they are for {} bytes, the export has {size}",
-                s.image_size()
-            ));
-        }
-        let bs = s.block_size();
-        if bs % CHUNK != 0 || bs > u64::from(crate::export::MAX_PAYLOAD) {
-            return Err(format!(
-                "their block size {bs} is not a multiple of {CHUNK} up to 32 MiB"
-            ));
-        }
-        Ok(s)
-    })();
+    if c.size() > MAX_SIDECAR {
+        return Sidecar::Bad(format!("{} bytes is too large for a sidecar", c.size()));
+    }
+    let mut b = vec![0u8; c.size() as usize];
+    let deadline = Instant::now() + timeout * FETCH_TIMEOUTS;
+    if let Err(e) = read_by(&mut c, &mut b, 0, timeout, deadline) {
+        return Sidecar::Failed(e.to_string());
+    }
     c.close();
-    got.map(Some)
+    let s = match Sums::decode(&b) {
+        Ok(s) => s,
+        Err(e) => return Sidecar::Bad(e.to_string()),
+    };
+    if s.image_size() != size {
+        return Sidecar::Bad(format!(
+            "they are for {} bytes, the export has {size}",
+            s.image_size()
+        ));
+    }
+    let bs = s.block_size();
+    if bs % CHUNK != 0 || bs > u64::from(crate::export::MAX_PAYLOAD) {
+        return Sidecar::Bad(format!(
+            "their block size {bs} is not a multiple of {CHUNK} up to 32 MiB"
+        ));
+    }
+    Sidecar::Good(s, b)
 }
 
 impl Inner {
@@ -619,7 +728,12 @@ impl Inner {
             self.stats
                 .upstream_bytes
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            if let Some(want) = self.sums.as_ref().and_then(|s| s.get(u as usize)) {
+            if let Some(sums) = &self.sums {
+                // A unit past the sums cannot be checked: never served.
+                let want = usize::try_from(u)
+                    .ok()
+                    .and_then(|u| sums.get(u))
+                    .ok_or_else(eio)?;
                 let got = crc32c::crc32c(&buf);
                 if got != want {
                     self.stats.upstream_bad.fetch_add(1, Ordering::Relaxed);
@@ -675,7 +789,7 @@ impl Inner {
     fn chunk(&self, c: u64, scratch: &mut Vec<u8>) -> io::Result<bool> {
         let r = self.cache.range(c);
         scratch.resize((r.end - r.start) as usize, 0);
-        match self.cache.read_chunk(c, scratch)? {
+        match self.cached(c, scratch) {
             Some(true) => return Ok(true),
             Some(false) => self.corrupt(c, scratch),
             None => {}
@@ -683,17 +797,36 @@ impl Inner {
         let u = r.start / self.unit;
         let _g = self.lock(u);
         // Fetched meanwhile by the reader that held the lock?
-        if self.cache.read_chunk(c, scratch)? == Some(true) {
-            return Ok(false);
-        }
-        if self.cache.get(c).is_some() {
-            self.corrupt(c, scratch);
+        match self.cached(c, scratch) {
+            Some(true) => return Ok(false),
+            Some(false) => self.corrupt(c, scratch),
+            None => {}
         }
         let data = self.fill(u)?;
         let at = (r.start - self.unit_range(u).start) as usize;
         let src = data.get(at..at + scratch.len()).ok_or_else(eio)?;
         scratch.copy_from_slice(src);
         Ok(false)
+    }
+
+    /// Chunk `c` from the cache into `buf`: whether it is intact, `None`
+    /// if absent. One that cannot be read (a short file, `EIO`) is dropped
+    /// like a corrupt one, so it is fetched again rather than failing
+    /// every read.
+    fn cached(&self, c: u64, buf: &mut [u8]) -> Option<bool> {
+        match self.cache.read_chunk(c, buf) {
+            Ok(v) => v,
+            Err(e) => {
+                self.stats.cache_corrupt.fetch_add(1, Ordering::Relaxed);
+                error!(
+                    export = %self.name,
+                    cache = %self.cache.path().display(),
+                    "proxy: cache read error: chunk {c}: {e}; fetching it again"
+                );
+                let _ = self.cache.drop_chunk(c);
+                None
+            }
+        }
     }
 
     fn corrupt(&self, c: u64, bytes: &[u8]) {
@@ -790,13 +923,15 @@ fn replicate_loop(w: Weak<Inner>, rate: u64) {
     let start = Instant::now();
     let mut bytes = 0u64;
     let mut u = 0u64;
+    let mut tries = 0u32;
+    let mut skipped = 0u64;
     loop {
         let Some(p) = w.upgrade() else { return };
         let units = p.ups.size.div_ceil(p.unit);
         if u >= units {
             info!(
                 export = %p.name,
-                "proxy: replication done in {:.1} s: {}",
+                "proxy: replication done in {:.1} s ({skipped} unit(s) skipped): {}",
                 start.elapsed().as_secs_f64(),
                 p.report()
             );
@@ -809,7 +944,8 @@ fn replicate_loop(w: Weak<Inner>, rate: u64) {
             if chunks.clone().any(|c| p.cache.get(c).is_none()) {
                 match p.fill(u) {
                     Ok(d) => bytes += d.len() as u64,
-                    Err(_) => {
+                    Err(_) if tries + 1 < REPLICATE_TRIES => {
+                        tries += 1;
                         drop(g);
                         drop(p);
                         // Upstreams down: try this unit again later.
@@ -818,10 +954,23 @@ fn replicate_loop(w: Weak<Inner>, rate: u64) {
                         }
                         continue;
                     }
+                    Err(_) => {
+                        // Bad everywhere, say: not worth blocking the rest;
+                        // a READ of it will try again.
+                        error!(
+                            export = %p.name,
+                            "proxy: replication skips bytes {}..{} after {REPLICATE_TRIES} \
+                             failed tries",
+                            r.start,
+                            r.end
+                        );
+                        skipped += 1;
+                    }
                 }
             }
         }
         u += 1;
+        tries = 0;
         drop(p);
         let target = Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
         if let Some(wait) = target.checked_sub(start.elapsed()) {
@@ -963,6 +1112,17 @@ mod tests {
             Self::serve(exports, dir)
         }
 
+        /// Serves `data` as `disk` and `extra` (a `disk.crc` of our making).
+        fn with_extra(data: &[u8], extra: Export) -> Self {
+            let dir = TempDir::new();
+            let img = dir.0.join("disk.img");
+            std::fs::write(&img, data).unwrap();
+            let spec: ExportSpec = format!("disk={},ro", img.display()).parse().unwrap();
+            let mut exports = Exports::open(&[spec]).unwrap();
+            exports.add_proxied(vec![Arc::new(extra)]).unwrap();
+            Self::serve(exports, dir)
+        }
+
         /// Serves `exports` on a localhost port.
         fn serve(exports: Exports, dir: TempDir) -> Self {
             let exports = Arc::new(exports);
@@ -1027,6 +1187,7 @@ mod tests {
             cache_dir: dir.0.clone(),
             timeout: Duration::from_secs(5),
             replicate: None,
+            unchecked: false,
         }
     }
 
@@ -1209,7 +1370,9 @@ mod tests {
         let a = Upstream::start(&data, None);
         let b = Upstream::start(&data[..4096], None);
         let dir = TempDir::new();
-        let p = Proxy::open("disk", &config(&[&a, &b], &dir)).unwrap();
+        let mut cfg = config(&[&a, &b], &dir);
+        cfg.unchecked = true;
+        let p = Proxy::open("disk", &cfg).unwrap();
         assert_eq!(p.0.ups.compatible, vec![true, false]);
         a.kill();
         assert!(read(&p, 0, 10).is_err(), "never read from the other image");
@@ -1237,7 +1400,8 @@ mod tests {
         cfg.replicate = Some(1 << 30);
         let p = Proxy::open("disk", &cfg).unwrap();
         let start = Instant::now();
-        while upstream_bytes(&p) < SIZE {
+        // Counted when fetched, so wait for the chunks to be stored.
+        while (0..p.0.cache.chunks()).any(|c| p.0.cache.get(c).is_none()) {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "replication stalled"
@@ -1301,6 +1465,140 @@ mod tests {
         assert!(Conn::connect(&proxy.addr, "", Duration::from_secs(5)).is_ok());
         assert!(Conn::connect(&proxy.addr, "disk.crc", Duration::from_secs(5)).is_err());
         c.close();
+    }
+
+    /// Storage whose every read fails (a sidecar that cannot be read).
+    #[derive(Debug)]
+    struct Failing(u64);
+
+    impl Storage for Failing {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn path(&self) -> &Path {
+            Path::new("failing")
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+            Err(eio())
+        }
+        fn write_at(&self, _: &[u8], _: u64, _: bool) -> io::Result<()> {
+            Err(read_only())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> io::Result<()> {
+            Err(read_only())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+            Err(read_only())
+        }
+    }
+
+    fn sidecar_export(bytes: Vec<u8>) -> Export {
+        let b = crate::export::Bytes::new(bytes, "sums".into());
+        Export::with_storage("disk.crc", "", Box::new(b))
+    }
+
+    #[test]
+    fn without_checksums_the_cache_starts_empty_and_one_upstream_is_required() {
+        let (old, new) = (pattern(12), pattern(13));
+        let dir = TempDir::new();
+        {
+            let up = Upstream::start(&old, None);
+            let p = Proxy::open("disk", &config(&[&up], &dir)).unwrap();
+            assert_eq!(read(&p, 0, SIZE as usize).unwrap(), old);
+        }
+        // The upstream's image replaced by another of the same size: no
+        // chunk of the old one is served.
+        let up = Upstream::start(&new, None);
+        let p = Proxy::open("disk", &config(&[&up], &dir)).unwrap();
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), new);
+        assert_eq!(upstream_bytes(&p), SIZE, "nothing came from the old cache");
+        drop(p);
+        // Two upstreams without checksums may hold two images of one size.
+        let other = Upstream::start(&old, None);
+        let mut cfg = config(&[&up, &other], &dir);
+        let e = format!("{:#}", Proxy::open("disk", &cfg).unwrap_err());
+        assert!(e.contains("--proxy-unchecked"), "{e}");
+        cfg.unchecked = true;
+        assert!(Proxy::open("disk", &cfg).is_ok());
+    }
+
+    #[test]
+    fn a_sidecar_that_cannot_be_fetched_does_not_switch_checking_off() {
+        let data = pattern(14);
+        let sums = sums_of(&data);
+        let len = sums.encode().len() as u64;
+        let failing = Export::with_storage("disk.crc", "", Box::new(Failing(len)));
+        let up = Upstream::with_extra(&data, failing);
+        let dir = TempDir::new();
+        let e = format!(
+            "{:#}",
+            Proxy::open("disk", &config(&[&up], &dir)).unwrap_err()
+        );
+        assert!(e.contains("cannot tell whether"), "{e}");
+        // A cache filled with checksums is not served without them.
+        let good = Upstream::start(&data, Some(&sums));
+        drop(Proxy::open("disk", &config(&[&good], &dir)).unwrap());
+        let bare = Upstream::start(&data, None);
+        let e = format!(
+            "{:#}",
+            Proxy::open("disk", &config(&[&bare], &dir)).unwrap_err()
+        );
+        assert!(e.contains("filled with the upstream's checksums"), "{e}");
+    }
+
+    #[test]
+    fn a_damaged_sidecar_excludes_its_upstream() {
+        let data = pattern(15);
+        let sums = sums_of(&data);
+        let mut damaged = sums.encode();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        let bad = Upstream::with_extra(&data, sidecar_export(damaged));
+        let good = Upstream::start(&data, Some(&sums));
+        let dir = TempDir::new();
+        let p = Proxy::open("disk", &config(&[&bad, &good], &dir)).unwrap();
+        assert_eq!(p.0.ups.compatible, vec![false, true]);
+        assert!(p.0.sums.is_some());
+        good.kill();
+        assert!(read(&p, 0, 10).is_err(), "never read from the excluded one");
+        drop(p);
+        // Alone, it is not served unchecked.
+        let dir = TempDir::new();
+        let e = format!(
+            "{:#}",
+            Proxy::open("disk", &config(&[&bad], &dir)).unwrap_err()
+        );
+        assert!(e.contains("damaged"), "{e}");
+    }
+
+    #[test]
+    fn a_cache_read_error_fetches_the_chunk_again() {
+        let data = pattern(16);
+        let up = Upstream::start(&data, Some(&sums_of(&data)));
+        let dir = TempDir::new();
+        let p = Proxy::open("disk", &config(&[&up], &dir)).unwrap();
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        // The cache file cut short: its last chunks cannot be read.
+        let (cache_file, _) = crate::cache::paths(&dir.0, "disk");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cache_file)
+            .unwrap();
+        f.set_len(2 * BLOCK + 100).unwrap();
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert!(p.stats().cache_corrupt.load(Ordering::SeqCst) > 0);
+        // (Each unreadable chunk refetches its unit.)
+        let fetched = upstream_bytes(&p);
+        assert!(fetched >= SIZE + (SIZE - 2 * BLOCK), "{fetched}");
+        // Repaired: all from the cache now.
+        assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
+        assert_eq!(upstream_bytes(&p), fetched);
     }
 
     #[test]
