@@ -74,7 +74,10 @@ impl ByDeadline<'_> {
     fn left(&self) -> io::Result<Duration> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "too slow: the deadline passed",
+            ));
         }
         Ok(left.min(self.timeout))
     }
@@ -106,6 +109,9 @@ pub struct Conn {
     stream: TcpStream,
     info: ExportInfo,
     next_cookie: u64,
+    timeout: Duration,
+    /// When set, each read and write must end by then.
+    deadline: Option<Instant>,
 }
 
 impl Conn {
@@ -149,6 +155,8 @@ impl Conn {
             stream,
             info,
             next_cookie: 1,
+            timeout,
+            deadline: None,
         })
     }
 
@@ -157,12 +165,16 @@ impl Conn {
         &self.info
     }
 
-    /// Bounds each later read and write on the connection by `t` (at
-    /// least a millisecond: a zero timeout would mean none).
-    pub fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
-        let t = t.max(Duration::from_millis(1));
-        self.stream.set_read_timeout(Some(t))?;
-        self.stream.set_write_timeout(Some(t))
+    /// Makes every later read and write on the connection end by
+    /// `deadline` (a `READ` fails with `TimedOut` past it), on top of the
+    /// timeout of each; `None` lifts it.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            self.stream.set_read_timeout(Some(self.timeout))?;
+            self.stream.set_write_timeout(Some(self.timeout))?;
+        }
+        Ok(())
     }
 
     /// The export's size.
@@ -192,9 +204,17 @@ impl Conn {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
         let req = Request::new(Cmd::Read, 0, cookie, off, len);
-        self.stream.write_all(&req.encode())?;
+        // Without a deadline, one far enough never to matter.
+        let mut s = ByDeadline {
+            s: &mut self.stream,
+            timeout: self.timeout,
+            deadline: self
+                .deadline
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1 << 30)),
+        };
+        s.write_all(&req.encode())?;
         let mut h = [0u8; SimpleReply::LEN];
-        self.stream.read_exact(&mut h)?;
+        s.read_exact(&mut h)?;
         let r = SimpleReply::decode(&h).map_err(ClientError::Protocol)?;
         if r.cookie != cookie {
             return Err(ClientError::WrongCookie {
@@ -205,7 +225,7 @@ impl Conn {
         if r.error != 0 {
             return Err(ClientError::Server(r.error, errno_name(r.error)));
         }
-        self.stream.read_exact(buf)?;
+        s.read_exact(buf)?;
         Ok(())
     }
 
@@ -307,6 +327,54 @@ mod tests {
             matches!(e, ClientError::Protocol(_)) && !e.connection_ok(),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_trickling_server_meets_the_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let g = Greeting {
+                flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
+            };
+            s.write_all(&g.encode()).unwrap();
+            let mut b = [0u8; 4 + 16];
+            s.read_exact(&mut b).unwrap();
+            let len = u32::from_be_bytes(b[16..20].try_into().unwrap());
+            s.read_exact(&mut vec![0u8; len as usize]).unwrap();
+            let mut i = [0u8; 16];
+            let n = Info::Export {
+                size: 4096,
+                flags: 1,
+            }
+            .encode(&mut i)
+            .unwrap();
+            for (reply, body) in [(rep::INFO, &i[..n]), (rep::ACK, &[][..])] {
+                let h = OptionReplyHeader {
+                    option: opt::GO,
+                    reply,
+                    length: body.len() as u32,
+                };
+                s.write_all(&h.encode()).unwrap();
+                s.write_all(body).unwrap();
+            }
+            let mut req = [0u8; Request::LEN];
+            s.read_exact(&mut req).unwrap();
+            let r = Request::decode(&req).unwrap();
+            s.write_all(&reply(0, r.cookie, &[])).unwrap();
+            // A byte every 20 ms, each well within the timeout.
+            while s.write_all(&[0]).is_ok() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut c = Conn::connect(&addr, "d", Duration::from_secs(1)).unwrap();
+        let start = Instant::now();
+        c.set_deadline(Some(start + Duration::from_millis(300)))
+            .unwrap();
+        let e = c.read(&mut [0u8; 4096], 0).unwrap_err();
+        assert!(matches!(&e, ClientError::Io(e) if e.kind() == io::ErrorKind::TimedOut));
+        assert!(start.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

@@ -42,6 +42,8 @@ const PROBE_LEN: u64 = 4096;
 const FETCH_TIMEOUTS: u32 = 4;
 /// Tries of one unit by the replication before it is skipped.
 const REPLICATE_TRIES: u32 = 3;
+/// The replication's pause before it tries a unit again.
+const REPLICATE_PAUSE: Duration = Duration::from_millis(if cfg!(test) { 50 } else { 5000 });
 
 /// What the command line says about proxying.
 #[derive(Debug, Clone)]
@@ -101,37 +103,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Reads `buf.len()` bytes at `off` over `c` in pieces within the
-/// upstream's maximum request size (if it gave one), all by `deadline`:
-/// each socket wait is bounded by `timeout` shrunk toward it.
-fn read_by(
-    c: &mut Conn,
-    buf: &mut [u8],
-    off: u64,
-    timeout: Duration,
-    deadline: Instant,
-) -> Result<(), ClientError> {
+/// upstream's maximum request size (if it gave one), all by `deadline`
+/// (each socket wait is bounded by the connection's timeout shrunk toward
+/// it).
+fn read_by(c: &mut Conn, buf: &mut [u8], off: u64, deadline: Instant) -> Result<(), ClientError> {
     let piece = c
         .info()
         .block_sizes
         .map_or(PIECE, |(_, _, max)| u64::from(max).clamp(4096, PIECE)) as usize;
+    c.set_deadline(Some(deadline))?;
     let mut done = 0usize;
     while done < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ClientError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "{} of {} bytes in {FETCH_TIMEOUTS} timeouts: too slow",
-                    done,
-                    buf.len()
-                ),
-            )));
-        }
-        c.set_timeout(left.min(timeout))?;
         let n = (buf.len() - done).min(piece);
         c.read(&mut buf[done..done + n], off + done as u64)?;
         done += n;
     }
+    c.set_deadline(None)?;
     Ok(())
 }
 
@@ -190,9 +177,7 @@ impl Upstreams {
     /// within [`FETCH_TIMEOUTS`] timeouts.
     fn read(&self, i: usize, buf: &mut [u8], off: u64) -> Result<(), ClientError> {
         let deadline = Instant::now() + self.timeout * FETCH_TIMEOUTS;
-        self.with_conn(i, deadline, |c| {
-            read_by(c, buf, off, self.timeout, deadline)
-        })
+        self.with_conn(i, deadline, |c| read_by(c, buf, off, deadline))
     }
 
     /// The upstreams to try, best first: the chosen one, then the usable
@@ -252,7 +237,7 @@ impl Upstreams {
             let deadline = Instant::now() + self.timeout;
             let t = self.with_conn(i, deadline, |c| {
                 let start = Instant::now();
-                read_by(c, &mut buf, 0, self.timeout, start + self.timeout)?;
+                read_by(c, &mut buf, 0, start + self.timeout)?;
                 Ok(start.elapsed())
             });
             times.push(t.ok());
@@ -670,7 +655,7 @@ fn read_sums(addr: &str, crc_name: &str, timeout: Duration, size: u64) -> Sideca
     }
     let mut b = vec![0u8; c.size() as usize];
     let deadline = Instant::now() + timeout * FETCH_TIMEOUTS;
-    if let Err(e) = read_by(&mut c, &mut b, 0, timeout, deadline) {
+    if let Err(e) = read_by(&mut c, &mut b, 0, deadline) {
         return Sidecar::Failed(e.to_string());
     }
     c.close();
@@ -949,7 +934,7 @@ fn replicate_loop(w: Weak<Inner>, rate: u64) {
                         drop(g);
                         drop(p);
                         // Upstreams down: try this unit again later.
-                        if !sleep_while_alive(&w, Duration::from_secs(5)) {
+                        if !sleep_while_alive(&w, REPLICATE_PAUSE) {
                             return;
                         }
                         continue;
@@ -1411,6 +1396,34 @@ mod tests {
         assert_eq!(read(&p, 0, SIZE as usize).unwrap(), data);
         assert_eq!(upstream_bytes(&p), SIZE);
         assert_eq!(cache_bytes(&p), SIZE);
+    }
+
+    #[test]
+    fn replication_skips_a_unit_no_upstream_delivers() {
+        let data = pattern(17);
+        let sums = sums_of(&data);
+        let mut bad = data.clone();
+        bad[BLOCK as usize + 5] ^= 1;
+        let up = Upstream::serving(&bad, Some(&sums), false);
+        let dir = TempDir::new();
+        let mut cfg = config(&[&up], &dir);
+        cfg.replicate = Some(1 << 30);
+        let p = Proxy::open("disk", &cfg).unwrap();
+        let start = Instant::now();
+        // Block 1 fails its checksum (twice a try), the others come after it.
+        while (0..p.0.cache.chunks())
+            .filter(|&c| c / (BLOCK / CHUNK) != 1)
+            .any(|c| p.0.cache.get(c).is_none())
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "replication stalled"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let tries = u64::from(REPLICATE_TRIES) * 2;
+        assert_eq!(p.stats().upstream_bad.load(Ordering::SeqCst), tries);
+        assert!((8..16).all(|c| p.0.cache.get(c).is_none()));
     }
 
     #[test]
