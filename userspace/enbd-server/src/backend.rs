@@ -56,6 +56,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn report(&self) -> Option<String> {
         None
     }
+
+    /// The block checksums every read is checked against (an export with
+    /// `crc`), which its `NAME.crc` export serves; none by default.
+    fn sums(&self) -> Option<&crate::checksum::Sums> {
+        None
+    }
 }
 
 /// A run of bytes with one allocation status (see [`Storage::extents`]).

@@ -414,12 +414,17 @@ impl Storage for Bytes {
     }
 }
 
-/// The `NAME.crc` export of an export with checksums: the sidecar's bytes,
-/// read-only, for caching proxies (see `Documentation/server.md`).
-fn crc_export(spec: &ExportSpec, crc: &std::path::Path) -> anyhow::Result<Export> {
-    let sums = crate::checksum::Sums::load(crc)?;
-    let name = format!("{}{CRC_SUFFIX}", spec.name);
-    let desc = format!("block checksums of '{}'", spec.name);
+/// The `NAME.crc` export of `export`, which has checksums: the sums its
+/// reads are checked against (not the file read again, which may have
+/// changed since), read-only, for caching proxies (see
+/// `Documentation/server.md`).
+fn crc_export(export: &Export, crc: &std::path::Path) -> anyhow::Result<Export> {
+    let sums = export
+        .backend()
+        .sums()
+        .ok_or_else(|| anyhow::anyhow!("it is not served with its checksums"))?;
+    let name = format!("{}{CRC_SUFFIX}", export.name);
+    let desc = format!("block checksums of '{}'", export.name);
     let storage = Bytes::new(sums.encode(), crc.to_owned());
     Ok(Export::with_storage(&name, &desc, Box::new(storage)))
 }
@@ -531,9 +536,9 @@ impl Exports {
             opened.push((s.clone(), ids));
         }
         let mut extra = Vec::new();
-        for s in specs {
+        for (s, export) in specs.iter().zip(&v) {
             if let Some(crc) = &s.crc {
-                let e = crc_export(s, crc)
+                let e = crc_export(export, crc)
                     .map_err(|e| anyhow::anyhow!("export '{}': {e:#}", s.name))?;
                 if specs.iter().any(|o| o.name == e.name()) {
                     anyhow::bail!(
@@ -817,9 +822,20 @@ mod tests {
         assert!(e.backend().write_at(&got, 0, false).is_err());
         assert!(x.iter().any(|e| e.name() == "d.crc"), "listed");
         assert_eq!(x.find(b"").unwrap().name(), "d");
-        // Reloads keep serving it; a plain export has none.
+        // Reloads keep serving it, the sums the export checks with even
+        // if the file changed in place (same inode: the export is kept).
+        let mut garbage = want.clone();
+        garbage[0] ^= 0xff;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&crc)
+            .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &garbage, 0))
+            .unwrap();
         let y = Exports::open_reusing(&specs, &x).unwrap();
-        assert!(y.find(b"d.crc").is_some());
+        let e = y.find(b"d.crc").unwrap();
+        e.backend().read_at(&mut got, 0).unwrap();
+        assert_eq!(got, want);
+        std::fs::write(&crc, &want).unwrap();
         let plain = [parse(&format!("d={},ro", f.path().display()))];
         assert!(Exports::open(&plain).unwrap().find(b"d.crc").is_none());
         // The name is taken by the sidecar.
