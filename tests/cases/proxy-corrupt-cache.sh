@@ -1,4 +1,4 @@
-# the caching proxy never serves bad bytes: a byte flipped in its cache file is caught at the next read (logged with the chunk), fetched again from the upstream and served right, the cache file repaired; an upstream whose data fails its own d.crc checksums has that block refused with EIO (logged), the other blocks served; with a good upstream beside it, every block reads right
+# the caching proxy never serves bad bytes: a byte flipped in its cache file is caught at the next read (logged with the chunk), fetched again from the upstream and served right, the cache file repaired; an upstream whose data fails its own d.crc checksums has that block refused with EIO (logged) and never cached, the other blocks served; restarted on that cache with a good upstream beside the bad one (the bad one chosen: the good one is stopped while the proxy starts), the bad one is asked for the block first (mismatch logged), the good one serves it, every block reads right and the cache file ends equal to the image
 # timeout: 240
 # shellcheck source=tests/proxy-lib.sh
 . "$ENBD_ROOT/tests/proxy-lib.sh"
@@ -62,19 +62,32 @@ grep -E 'checksum mismatch: block 1 \(bytes 16777216\.\.33554432\)' /tmp/enbd-pr
 	fail "the proxy did not log the bad upstream block 1"
 wait_for 20 grep -q 'bytes from upstream' /tmp/enbd-proxy-2.log || fail "no counter line"
 [ "$(counter /tmp/enbd-proxy-2.log bad)" -ge 1 ] || fail "no bad upstream block counted"
-# The bad block was never cached.
 stop_proxy
-rm -rf "$PROXY_CACHE"
+# The bad block was never cached: its bytes in the cache file were never
+# written (zeros); the blocks beside it are the image's.
+zeros=$(dd if=/dev/zero bs=1M count=16 status=none | md5sum | cut -d' ' -f1)
+expect_eq "$(block_md5 "$PROXY_CACHE/d.cache" 1)" "$zeros" "block 1 of the cache file"
+for b in 0 2; do
+	expect_eq "$(block_md5 "$PROXY_CACHE/d.cache" $b)" "$(block_md5 "$img" $b)" "block $b of the cache file"
+done
 
-# The bad upstream beside a good one: whichever the proxy prefers, every
-# block reads right (a block that fails on one is fetched from the other).
+# The bad upstream beside a good one, on the same cache (both serve the
+# same d.crc, so it is kept: a bad block in it would break the md5). The
+# good one is stopped while the proxy starts, so the bad one is chosen (and
+# kept: equal upstreams never flap) and asked for block 1 first.
+kill -STOP "$GOOD_PID"
 start_proxy /tmp/enbd-proxy-3.log 10811 10809
+kill -CONT "$GOOD_PID"
+grep -q 'upstream chosen.*upstream=127.0.0.1:10811' /tmp/enbd-proxy-3.log ||
+	fail "the proxy did not choose the bad upstream at start-up"
 read_through_proxy /tmp/enbd-proxy-3.log 48 "$sum" "two-upstream"
-if grep -q 'checksum mismatch' /tmp/enbd-proxy-3.log; then
-	grep -q 'bad upstream' /tmp/enbd-proxy-3.log || fail "counter line missing"
-	[ "$(counter /tmp/enbd-proxy-3.log bad)" -ge 1 ] || fail "a mismatch logged but not counted"
-fi
+grep -E 'checksum mismatch: block 1 .*upstream=127.0.0.1:10811' /tmp/enbd-proxy-3.log ||
+	fail "the bad upstream was not asked for block 1"
+expect_eq "$(counter /tmp/enbd-proxy-3.log bad)" 1 "bad upstream blocks"
+# Block 1 twice (the bad copy, then the good one); blocks 0 and 2 cached.
+expect_eq "$(counter /tmp/enbd-proxy-3.log upstream)" $((2 * MiB16)) "bytes from upstream"
 stop_proxy
+run cmp "$img" "$PROXY_CACHE/d.cache"
 
 kill "$GOOD_PID" "$BAD_PID"
 wait "$GOOD_PID" "$BAD_PID" 2>/dev/null
