@@ -719,7 +719,8 @@ shared = true
         let d = Dir::new();
         let p = d.config(
             "proxy = [\"up1:10809\", \"up2:10809\"]\nproxy-export = [\"base\"]\n\
-             cache-dir = \"cache\"\nproxy-timeout = 3\nreplicate = \"16M\"\n",
+             cache-dir = \"cache\"\nproxy-timeout = 3\nreplicate = \"16M\"\n\
+             proxy-unchecked = true\n",
         );
         let conf = p.to_str().unwrap();
         let (cli, r) = combined(&["--config", conf]).unwrap();
@@ -727,6 +728,7 @@ shared = true
         assert_eq!(cli.proxy_exports, ["base"]);
         assert_eq!(cli.cache_dir, Some(d.0.join("cache")));
         assert_eq!((cli.proxy_timeout, cli.replicate), (3, Some(16 << 20)));
+        assert!(cli.proxy_unchecked);
         assert!(cli.exports.is_empty() && r.unwrap().proxied);
         assert!(err("proxy-export = [\"a/b\"]").contains("plain file name"));
         assert!(err("proxy-timeout = 0").contains("at least 1"));

@@ -6,7 +6,10 @@
 //! export) every fetched block is checked before it is cached or served,
 //! and a bad one is fetched again from another upstream. Every cached read
 //! is checked against the chunk's CRC in the map, so a cache file changed
-//! underneath is caught at the next read and fetched again.
+//! underneath is caught at the next read and fetched again. Without
+//! upstream checksums nothing ties the cache to the upstream's image, so
+//! it starts empty at each open and one upstream only is allowed (unless
+//! `--proxy-unchecked`).
 //!
 //! `Documentation/server.md` ("The caching proxy") describes it for users.
 
