@@ -103,6 +103,26 @@ impl Write for ByDeadline<'_> {
     }
 }
 
+/// Sends `req` (a `READ` of `buf.len()` bytes) and reads its simple reply
+/// into `buf`.
+fn exchange(s: &mut (impl Read + Write), req: &Request, buf: &mut [u8]) -> Result<(), ClientError> {
+    s.write_all(&req.encode())?;
+    let mut h = [0u8; SimpleReply::LEN];
+    s.read_exact(&mut h)?;
+    let r = SimpleReply::decode(&h).map_err(ClientError::Protocol)?;
+    if r.cookie != req.cookie {
+        return Err(ClientError::WrongCookie {
+            got: r.cookie,
+            want: req.cookie,
+        });
+    }
+    if r.error != 0 {
+        return Err(ClientError::Server(r.error, errno_name(r.error)));
+    }
+    s.read_exact(buf)?;
+    Ok(())
+}
+
 /// One negotiated connection to one export.
 #[derive(Debug)]
 pub struct Conn {
@@ -204,29 +224,17 @@ impl Conn {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
         let req = Request::new(Cmd::Read, 0, cookie, off, len);
-        // Without a deadline, one far enough never to matter.
-        let mut s = ByDeadline {
-            s: &mut self.stream,
-            timeout: self.timeout,
-            deadline: self
-                .deadline
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1 << 30)),
-        };
-        s.write_all(&req.encode())?;
-        let mut h = [0u8; SimpleReply::LEN];
-        s.read_exact(&mut h)?;
-        let r = SimpleReply::decode(&h).map_err(ClientError::Protocol)?;
-        if r.cookie != cookie {
-            return Err(ClientError::WrongCookie {
-                got: r.cookie,
-                want: cookie,
-            });
+        match self.deadline {
+            Some(deadline) => {
+                let mut s = ByDeadline {
+                    s: &mut self.stream,
+                    timeout: self.timeout,
+                    deadline,
+                };
+                exchange(&mut s, &req, buf)
+            }
+            None => exchange(&mut self.stream, &req, buf),
         }
-        if r.error != 0 {
-            return Err(ClientError::Server(r.error, errno_name(r.error)));
-        }
-        s.read_exact(buf)?;
-        Ok(())
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`); errors are ignored, the
