@@ -50,6 +50,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = (off, len, may_trim);
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
+
+    /// A line of counters to log when a client disconnects (the caching
+    /// proxy's upstream and cache bytes); none by default.
+    fn report(&self) -> Option<String> {
+        None
+    }
+
+    /// The block checksums every read is checked against (an export with
+    /// `crc`), which its `NAME.crc` export serves; none by default.
+    fn sums(&self) -> Option<&crate::checksum::Sums> {
+        None
+    }
 }
 
 /// A run of bytes with one allocation status (see [`Storage::extents`]).
@@ -177,7 +189,7 @@ pub struct ImageLocked {
 /// serving read-only, exclusive when writing, so two writers (or a writer
 /// and a reader) cannot serve one image and corrupt it. The lock lives as
 /// long as the descriptor; qemu takes the same kind of lock on its images.
-fn lock_image(file: &File, read_only: bool) -> anyhow::Result<()> {
+pub(crate) fn lock_image(file: &File, read_only: bool) -> anyhow::Result<()> {
     // SAFETY: an all-zero `flock` is a valid value (a lock on the whole
     // file from offset 0); the fields that matter are set below.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };

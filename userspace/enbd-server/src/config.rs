@@ -49,6 +49,19 @@ pub struct Options {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    /// The caching proxy's upstreams, exports and cache (`--proxy`,
+    /// `--proxy-export`, `--proxy-any`, `--proxy-unchecked`, `--cache-dir`, `--proxy-timeout`,
+    /// `--replicate`).
+    #[serde(rename = "proxy")]
+    proxy_upstreams: Option<Vec<String>>,
+    #[serde(rename = "proxy-export")]
+    proxy_exports: Option<Vec<String>>,
+    proxy_any: Option<bool>,
+    proxy_unchecked: Option<bool>,
+    cache_dir: Option<PathBuf>,
+    proxy_timeout: Option<u64>,
+    /// A rate as on the command line: "32M".
+    replicate: Option<String>,
 }
 
 /// One `[[export]]` table: the fields of `--export`, with the image in
@@ -181,6 +194,7 @@ impl Config {
             &mut options.tls_cert,
             &mut options.tls_key,
             &mut options.tls_client_ca,
+            &mut options.cache_dir,
         ]
         .into_iter()
         .flatten()
@@ -225,6 +239,16 @@ impl Options {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("tls-cert and tls-key go together");
         }
+        if self.proxy_timeout == Some(0) {
+            bail!("proxy-timeout must be at least 1");
+        }
+        if let Some(v) = &self.replicate {
+            crate::budget::parse_size(v)
+                .map_err(|e| anyhow::anyhow!("replicate = \"{v}\": {e}"))?;
+        }
+        for n in self.proxy_exports.iter().flatten() {
+            crate::proxy::check_name(n).map_err(|e| anyhow::anyhow!("proxy-export {e}"))?;
+        }
         Ok(())
     }
 
@@ -265,6 +289,13 @@ impl Options {
             take!(tls_key, Some);
         }
         take!(tls_client_ca, Some);
+        take!(proxy_upstreams);
+        take!(proxy_exports);
+        take!(proxy_any);
+        take!(proxy_unchecked);
+        take!(cache_dir, Some);
+        take!(proxy_timeout);
+        take!(replicate, |v: String| crate::budget::parse_size(&v).ok());
     }
 }
 
@@ -276,11 +307,18 @@ pub struct Reloader {
     cli_exports: Vec<ExportSpec>,
     /// The file's options in force since the start.
     options: Options,
+    /// Whether proxied exports are served (then no other export is needed).
+    proxied: bool,
 }
 
 /// The command line's exports, then the file's; a name in both is an
 /// error, as is having none.
-fn combine(cli: &[ExportSpec], file: &[ExportSpec], path: &Path) -> Result<Vec<ExportSpec>> {
+fn combine(
+    cli: &[ExportSpec],
+    file: &[ExportSpec],
+    path: &Path,
+    proxied: bool,
+) -> Result<Vec<ExportSpec>> {
     if let Some(s) = file.iter().find(|s| cli.iter().any(|c| c.name == s.name)) {
         bail!(
             "export '{}' is given both on the command line and in {}",
@@ -288,9 +326,9 @@ fn combine(cli: &[ExportSpec], file: &[ExportSpec], path: &Path) -> Result<Vec<E
             path.display()
         );
     }
-    if cli.is_empty() && file.is_empty() {
+    if cli.is_empty() && file.is_empty() && !proxied {
         bail!(
-            "no exports: {} has no [[export]] and no --export is given",
+            "no exports: {} has no [[export]] or proxy-export and no --export is given",
             path.display()
         );
     }
@@ -307,7 +345,8 @@ pub fn load_into(cli: &mut Cli, matches: &ArgMatches) -> Result<Option<Reloader>
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     config.options.apply(cli, given);
     let cli_exports = std::mem::take(&mut cli.exports);
-    cli.exports = combine(&cli_exports, &config.exports, &file)?;
+    let proxied = !cli.proxy_exports.is_empty() || cli.proxy_any;
+    cli.exports = combine(&cli_exports, &config.exports, &file, proxied)?;
     info!(
         file = %file.display(),
         exports = config.exports.len(),
@@ -317,6 +356,7 @@ pub fn load_into(cli: &mut Cli, matches: &ArgMatches) -> Result<Option<Reloader>
         file,
         cli_exports,
         options: config.options,
+        proxied,
     }))
 }
 
@@ -325,7 +365,7 @@ impl Reloader {
     /// unchanged ones; `current` stays as it is whatever happens.
     pub fn reload(&self, current: &Exports) -> Result<Exports> {
         let config = Config::load(&self.file)?;
-        let specs = combine(&self.cli_exports, &config.exports, &self.file)?;
+        let specs = combine(&self.cli_exports, &config.exports, &self.file, self.proxied)?;
         let exports = Exports::open_reusing(&specs, current)?;
         if config.options != self.options {
             warn!(
@@ -672,6 +712,27 @@ shared = true
         assert!(err("memory-budget = \"lots\"").contains("memory-budget = \"lots\""));
         assert!(err("max-handshakes = 0").contains("at least 1"));
         assert!(err("send-timeout = \"5\"").contains("invalid type"));
+    }
+
+    #[test]
+    fn the_proxy_comes_from_the_file_too() {
+        let d = Dir::new();
+        let p = d.config(
+            "proxy = [\"up1:10809\", \"up2:10809\"]\nproxy-export = [\"base\"]\n\
+             cache-dir = \"cache\"\nproxy-timeout = 3\nreplicate = \"16M\"\n\
+             proxy-unchecked = true\n",
+        );
+        let conf = p.to_str().unwrap();
+        let (cli, r) = combined(&["--config", conf]).unwrap();
+        assert_eq!(cli.proxy_upstreams, ["up1:10809", "up2:10809"]);
+        assert_eq!(cli.proxy_exports, ["base"]);
+        assert_eq!(cli.cache_dir, Some(d.0.join("cache")));
+        assert_eq!((cli.proxy_timeout, cli.replicate), (3, Some(16 << 20)));
+        assert!(cli.proxy_unchecked);
+        assert!(cli.exports.is_empty() && r.unwrap().proxied);
+        assert!(err("proxy-export = [\"a/b\"]").contains("plain file name"));
+        assert!(err("proxy-timeout = 0").contains("at least 1"));
+        assert!(err("replicate = \"fast\"").contains("replicate = \"fast\""));
     }
 
     #[test]

@@ -354,10 +354,92 @@ impl Export {
     }
 }
 
+/// Name suffix of the export that serves an export's checksum sidecar.
+pub const CRC_SUFFIX: &str = ".crc";
+
+/// Read-only storage over bytes in memory: the sidecar behind a
+/// `NAME.crc` export.
+#[derive(Debug)]
+pub struct Bytes {
+    bytes: Vec<u8>,
+    path: PathBuf,
+}
+
+impl Bytes {
+    pub fn new(bytes: Vec<u8>, path: PathBuf) -> Self {
+        Self { bytes, path }
+    }
+}
+
+fn read_only_error() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::EPERM)
+}
+
+impl Storage for Bytes {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let src = usize::try_from(off)
+            .ok()
+            .and_then(|o| self.bytes.get(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&self, _: &[u8], _: u64, _: bool) -> std::io::Result<()> {
+        Err(read_only_error())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Err(read_only_error())
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Err(read_only_error())
+    }
+}
+
+/// The `NAME.crc` export of `export`, which has checksums: the sums its
+/// reads are checked against (not the file read again, which may have
+/// changed since), read-only, for caching proxies (see
+/// `Documentation/server.md`).
+fn crc_export(export: &Export, crc: &std::path::Path) -> anyhow::Result<Export> {
+    let sums = export
+        .backend()
+        .sums()
+        .ok_or_else(|| anyhow::anyhow!("it is not served with its checksums"))?;
+    let name = format!("{}{CRC_SUFFIX}", export.name);
+    let desc = format!("block checksums of '{}'", export.name);
+    let storage = Bytes::new(sums.encode(), crc.to_owned());
+    Ok(Export::with_storage(&name, &desc, Box::new(storage)))
+}
+
 /// All exports; the first is the default one (empty name).
 #[derive(Debug, Default)]
 pub struct Exports {
     exports: Vec<Arc<Export>>,
+    /// Exports not opened from a spec: the `NAME.crc` export of each export
+    /// with checksums, then the proxied exports (kept across reloads).
+    extra: Vec<Arc<Export>>,
+    /// How many of `extra` are proxied exports (at its end).
+    proxied: usize,
+    /// Proxied exports opened when a client asks (`--proxy-any`).
+    on_demand: Option<Arc<crate::proxy::OnDemand>>,
     /// What each export was opened from, and the (device, inode) of each
     /// of its images then, so a reload can tell an unchanged export from a
     /// changed one.
@@ -453,7 +535,59 @@ impl Exports {
             v.push(Arc::new(export));
             opened.push((s.clone(), ids));
         }
-        Ok(Self { exports: v, opened })
+        let mut extra = Vec::new();
+        for (s, export) in specs.iter().zip(&v) {
+            if let Some(crc) = &s.crc {
+                let e = crc_export(export, crc)
+                    .map_err(|e| anyhow::anyhow!("export '{}': {e:#}", s.name))?;
+                if specs.iter().any(|o| o.name == e.name()) {
+                    anyhow::bail!(
+                        "export '{}' has checksums, so its sidecar is served as '{}': \
+                         that name is taken by another export",
+                        s.name,
+                        e.name()
+                    );
+                }
+                extra.push(Arc::new(e));
+            }
+        }
+        let proxied = old.extra[old.extra.len() - old.proxied..].to_vec();
+        let mut x = Self {
+            exports: v,
+            extra,
+            proxied: 0,
+            on_demand: old.on_demand.clone(),
+            opened,
+        };
+        x.add_proxied(proxied)?;
+        Ok(x)
+    }
+
+    /// Adds exports that are not opened from specs (proxied ones); they
+    /// stay across reloads.
+    pub fn add_proxied(&mut self, v: Vec<Arc<Export>>) -> anyhow::Result<()> {
+        for e in v {
+            if self.find_named(e.name().as_bytes()).is_some() {
+                anyhow::bail!("export '{}' given twice", e.name());
+            }
+            self.extra.push(e);
+            self.proxied += 1;
+        }
+        Ok(())
+    }
+
+    /// Serves any other name the proxy's upstreams have, opened when a
+    /// client first asks for it; kept across reloads.
+    pub fn set_on_demand(&mut self, d: Arc<crate::proxy::OnDemand>) {
+        self.on_demand = Some(d);
+    }
+
+    fn find_named(&self, name: &[u8]) -> Option<Arc<Export>> {
+        self.exports
+            .iter()
+            .chain(&self.extra)
+            .find(|e| e.name.as_bytes() == name)
+            .cloned()
     }
 
     /// The specs the exports were opened from, in order.
@@ -470,16 +604,24 @@ impl Exports {
     /// Finds an export by name; the empty name selects the first export.
     pub fn find(&self, name: &[u8]) -> Option<Arc<Export>> {
         if name.is_empty() {
-            return self.exports.first().cloned();
+            return self
+                .exports
+                .first()
+                .or(self.extra[self.extra.len() - self.proxied..].first())
+                .cloned();
         }
-        self.exports
-            .iter()
-            .find(|e| e.name.as_bytes() == name)
-            .cloned()
+        self.find_named(name)
+            .or_else(|| self.on_demand.as_ref()?.find(name))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.exports.iter()
+    /// Every export, those opened on demand so far included.
+    pub fn iter(&self) -> impl Iterator<Item = Arc<Export>> + '_ {
+        let on_demand = self.on_demand.iter().flat_map(|d| d.opened());
+        self.exports
+            .iter()
+            .chain(&self.extra)
+            .cloned()
+            .chain(on_demand)
     }
 }
 
@@ -654,6 +796,56 @@ mod tests {
         write_sums();
         let three = Exports::open_reusing(&specs, &two).unwrap();
         assert!(!Exports::shares_storage(&first(&two), &first(&three)));
+        let _ = std::fs::remove_file(&crc);
+    }
+
+    #[test]
+    fn an_export_with_checksums_serves_its_sidecar_as_name_crc() {
+        use crate::checksum::{Sums, BLOCK_SIZE};
+        let f = crate::testutil::TempFile::new(8192, 7);
+        let crc = crate::checksum::default_path(f.path());
+        let b = Backend::open(f.path(), true, true).unwrap();
+        Sums::compute(&b, BLOCK_SIZE, |_, _| {})
+            .unwrap()
+            .store(&crc)
+            .unwrap();
+        let specs = [parse(&format!("d={},ro,crc", f.path().display()))];
+        let x = Exports::open(&specs).unwrap();
+        let e = x.find(b"d.crc").unwrap();
+        let want = std::fs::read(&crc).unwrap();
+        assert_eq!(e.size(), want.len() as u64);
+        assert!(e.backend().read_only());
+        let mut got = vec![0u8; want.len()];
+        e.backend().read_at(&mut got, 0).unwrap();
+        assert_eq!(got, want);
+        assert!(e.backend().read_at(&mut got, 1).is_err(), "past the end");
+        assert!(e.backend().write_at(&got, 0, false).is_err());
+        assert!(x.iter().any(|e| e.name() == "d.crc"), "listed");
+        assert_eq!(x.find(b"").unwrap().name(), "d");
+        // Reloads keep serving it, the sums the export checks with even
+        // if the file changed in place (same inode: the export is kept).
+        let mut garbage = want.clone();
+        garbage[0] ^= 0xff;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&crc)
+            .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &garbage, 0))
+            .unwrap();
+        let y = Exports::open_reusing(&specs, &x).unwrap();
+        let e = y.find(b"d.crc").unwrap();
+        e.backend().read_at(&mut got, 0).unwrap();
+        assert_eq!(got, want);
+        std::fs::write(&crc, &want).unwrap();
+        let plain = [parse(&format!("d={},ro", f.path().display()))];
+        assert!(Exports::open(&plain).unwrap().find(b"d.crc").is_none());
+        // The name is taken by the sidecar.
+        let g = crate::testutil::TempFile::new(4096, 0);
+        let clash = [
+            specs[0].clone(),
+            parse(&format!("d.crc={},ro", g.path().display())),
+        ];
+        let e = format!("{:#}", Exports::open(&clash).unwrap_err());
+        assert!(e.contains("its sidecar is served as 'd.crc'"), "{e}");
         let _ = std::fs::remove_file(&crc);
     }
 

@@ -5,11 +5,13 @@
 
 pub mod backend;
 pub mod budget;
+pub mod cache;
 pub mod checksum;
 pub mod export;
 pub mod handshake;
 pub mod limits;
 pub mod link;
+pub mod proxy;
 pub mod raid;
 #[cfg(test)]
 mod testutil;

@@ -2,6 +2,7 @@
 
 mod backend;
 mod budget;
+mod cache;
 mod checksum;
 mod config;
 mod export;
@@ -9,6 +10,7 @@ mod handshake;
 mod limits;
 mod link;
 mod listen;
+mod proxy;
 mod raid;
 #[cfg(test)]
 mod testutil;
@@ -62,7 +64,7 @@ struct Cli {
         short,
         long = "export",
         value_name = "SPEC",
-        required_unless_present = "config"
+        required_unless_present_any = ["config", "proxy_exports", "proxy_any"]
     )]
     exports: Vec<ExportSpec>,
     /// A TOML file of exports and options; options given on the command
@@ -78,6 +80,38 @@ struct Cli {
     /// socket left at PATH is replaced; any other file there is an error.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Upstream NBD server (HOST:PORT) of the caching proxy; repeat for
+    /// more. The proxy serves each --proxy-export from a local cache filled
+    /// from the upstream with the shortest round trip, failing over to the
+    /// others.
+    #[arg(long = "proxy", value_name = "HOST:PORT")]
+    proxy_upstreams: Vec<String>,
+    /// An export to proxy from the upstreams, read-only, under its
+    /// upstream name; repeat for more.
+    #[arg(long = "proxy-export", value_name = "NAME", value_parser = parse_proxy_name)]
+    proxy_exports: Vec<String>,
+    /// Also serve, through the proxy, any other export name a client asks
+    /// for that the upstreams have, opened at its first request.
+    #[arg(long)]
+    proxy_any: bool,
+    /// Directory of the proxy's cache files (NAME.cache, NAME.map), kept
+    /// across restarts.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Seconds the proxy waits for an upstream to connect or to answer
+    /// before it tries the next one.
+    #[arg(long, default_value_t = 5, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    proxy_timeout: u64,
+    /// Allow several --proxy upstreams for an export whose upstreams serve
+    /// no checksums (NAME.crc): nothing then tells apart two different
+    /// images of one size.
+    #[arg(long)]
+    proxy_unchecked: bool,
+    /// Fill each proxied export's whole cache in the background, fetching
+    /// at most RATE bytes a second (K, M, G suffixes).
+    #[arg(long, value_name = "RATE", value_parser = budget::parse_size)]
+    replicate: Option<u64>,
     /// Do not listen on TCP.
     #[arg(long)]
     no_tcp: bool,
@@ -163,7 +197,13 @@ impl Shared {
         // Option errors first: they need no image opened (and locked).
         let tls = tls_policy(cli)?;
         let transmission = resources(cli)?;
-        let exports = Exports::open(&cli.exports)?;
+        let mut exports = Exports::open(&cli.exports)?;
+        if let Some(cfg) = proxy_config(cli)? {
+            exports.add_proxied(proxy::open_exports(&cli.proxy_exports, &cfg)?)?;
+            if cli.proxy_any {
+                exports.set_on_demand(Arc::new(proxy::OnDemand::new(cfg)));
+            }
+        }
         for e in exports.iter() {
             e.log_ready();
         }
@@ -197,6 +237,35 @@ impl Shared {
     fn lock_ktls(&self) -> std::sync::MutexGuard<'_, Vec<std::os::fd::RawFd>> {
         self.ktls_fds.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn parse_proxy_name(s: &str) -> Result<String, String> {
+    proxy::check_name(s).map(|()| s.to_owned())
+}
+
+/// The proxy's settings, when it proxies anything. (Clap checks that the
+/// options go together on the command line; this checks them once the
+/// config file's are in.)
+fn proxy_config(cli: &Cli) -> Result<Option<proxy::ProxyConfig>> {
+    if cli.proxy_exports.is_empty() && !cli.proxy_any {
+        if !cli.proxy_upstreams.is_empty() {
+            anyhow::bail!("--proxy needs --proxy-export or --proxy-any (proxy-export, proxy-any)");
+        }
+        return Ok(None);
+    }
+    if cli.proxy_upstreams.is_empty() {
+        anyhow::bail!("--proxy-export and --proxy-any need at least one --proxy upstream (proxy)");
+    }
+    let Some(cache_dir) = cli.cache_dir.clone() else {
+        anyhow::bail!("the proxy needs --cache-dir (cache-dir)");
+    };
+    Ok(Some(proxy::ProxyConfig {
+        upstreams: cli.proxy_upstreams.clone(),
+        cache_dir,
+        timeout: Duration::from_secs(cli.proxy_timeout),
+        replicate: cli.replicate,
+        unchecked: cli.proxy_unchecked,
+    }))
 }
 
 /// The memory budgets, checked against each other and the largest request.
@@ -344,6 +413,7 @@ fn handle(mut s: Link, peer: &str, shared: &Shared, slot: &mut limits::Slot) {
         return;
     }
     info!(%peer, export = export.name(), tls = s.is_tls(), structured = neg.structured, "serving");
+    let storage = export.clone();
     let served = s.into_bare().and_then(|bare| match bare {
         Bare::Tcp(mut t) => serve_plain(&mut t, export, neg, shared),
         Bare::Unix(mut u) => serve_plain(&mut u, export, neg, shared),
@@ -358,6 +428,9 @@ fn handle(mut s: Link, peer: &str, shared: &Shared, slot: &mut limits::Slot) {
             "disconnected"
         ),
         Err(e) => warn!(%peer, "connection closed: {e}"),
+    }
+    if let Some(r) = storage.backend().report() {
+        info!(%peer, "{r}");
     }
 }
 
@@ -727,6 +800,47 @@ mod tests {
         let d = std::env::temp_dir().join(format!("enbd-server-main-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn proxy_options_go_together() {
+        let parse = |args: &[&str]| {
+            let argv = std::iter::once("enbd-server").chain(args.iter().copied());
+            Cli::try_parse_from(argv)
+        };
+        let c = parse(&["--proxy-export", "disk", "--cache-dir", "/tmp/x"]).unwrap();
+        let e = format!("{:#}", proxy_config(&c).unwrap_err());
+        assert!(e.contains("need at least one --proxy upstream"), "{e}");
+        let c = parse(&["--proxy-export", "disk", "--proxy", "h:1"]).unwrap();
+        let e = format!("{:#}", proxy_config(&c).unwrap_err());
+        assert!(e.contains("needs --cache-dir"), "{e}");
+        let c = parse(&["--proxy-any", "--proxy", "h:1", "--cache-dir", "/c"]).unwrap();
+        assert!(proxy_config(&c).unwrap().is_some());
+        let c = parse(&["--export", "d=/x", "--proxy", "h:1"]).unwrap();
+        let e = format!("{:#}", proxy_config(&c).unwrap_err());
+        assert!(
+            e.contains("--proxy needs --proxy-export or --proxy-any"),
+            "{e}"
+        );
+        assert!(parse(&["--proxy-export", "a/b", "--proxy", "h:1"]).is_err());
+        let c = parse(&[
+            "--proxy-export",
+            "disk",
+            "--proxy",
+            "h:1",
+            "--proxy",
+            "g:2",
+            "--cache-dir",
+            "/c",
+            "--replicate",
+            "32M",
+        ])
+        .unwrap();
+        let cfg = proxy_config(&c).unwrap().unwrap();
+        assert_eq!(cfg.upstreams, ["h:1", "g:2"]);
+        assert_eq!(cfg.timeout, Duration::from_secs(5));
+        assert_eq!(cfg.replicate, Some(32 << 20));
+        assert!(parse(&[]).is_err(), "some export is needed");
     }
 
     #[test]

@@ -244,6 +244,10 @@ impl Storage for Verified {
         self.0.inner.size()
     }
 
+    fn sums(&self) -> Option<&Sums> {
+        Some(&self.0.sums)
+    }
+
     fn path(&self) -> &Path {
         self.0.inner.path()
     }
