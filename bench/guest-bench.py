@@ -142,6 +142,73 @@ class Servers:
             p.wait()
 
 
+class Replicas:
+    """Three read-only enbd-servers of one image, each in a network
+    namespace behind a veth pair with its own delay (tc netem on the
+    server's side): replica i at 10.99.1i.2, the round trip DELAYS_MS[i]
+    longer. The multi-server cells compare enbd on all three (the helper
+    picks the fastest) with enbd on one. An enbd-server caching proxy on
+    127.0.0.1:PROXY_PORT serves the 20 ms replica's image from a cache
+    filled before the cells (warm), to compare with reading the origin.
+    The image and the cache are smaller than the backing file, as both
+    live in the guest's RAM."""
+
+    DELAYS_MS = {1: 5, 2: 20, 3: 40}
+    IMAGE = "/tmp/bench-replica.img"
+    IMAGE_MB = 128
+    PROXY_PORT = 10824
+    CACHE = "/tmp/bench-proxy-cache"
+
+    def __init__(self):
+        self.procs = []
+
+    @staticmethod
+    def addr(i):
+        return f"10.99.1{i}.2:10809"
+
+    def start(self):
+        sh(f"dd if=/dev/urandom of={self.IMAGE} bs=1M count={self.IMAGE_MB} status=none")
+        for i, ms in self.DELAYS_MS.items():
+            ns, c, srv = f"r{i}", f"vr{i}c", f"vr{i}s"
+            sh(["ip", "netns", "add", ns])
+            sh(["ip", "link", "add", c, "type", "veth", "peer", "name", srv])
+            sh(["ip", "link", "set", srv, "netns", ns])
+            sh(["ip", "addr", "add", f"10.99.1{i}.1/24", "dev", c])
+            sh(["ip", "link", "set", c, "up"])
+            for cmd in (["ip", "addr", "add", f"10.99.1{i}.2/24", "dev", srv],
+                        ["ip", "link", "set", srv, "up"], ["ip", "link", "set", "lo", "up"],
+                        ["tc", "qdisc", "add", "dev", srv, "root", "netem", "delay", f"{ms}ms"]):
+                sh(["ip", "netns", "exec", ns] + cmd)
+            self.procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, f"{BIN}/enbd-server", "--listen", self.addr(i),
+                 "--export", f"disk={self.IMAGE},ro,shared"],
+                stdout=subprocess.DEVNULL, stderr=open(f"{OUT}/enbd-server-r{i}.log", "w")))
+        for i in self.DELAYS_MS:
+            ok = wait_for(lambda: subprocess.run(
+                ["ip", "netns", "exec", f"r{i}", "ss", "-Hltn", "sport = :10809"],
+                capture_output=True, text=True).stdout.strip() != "", 20)
+            if not ok:
+                raise RuntimeError(f"replica {i} does not listen (see {OUT}/enbd-server-r{i}.log)")
+        os.makedirs(self.CACHE, exist_ok=True)
+        self.procs.append(subprocess.Popen(
+            [f"{BIN}/enbd-server", "--listen", f"127.0.0.1:{self.PROXY_PORT}",
+             "--proxy", self.addr(2), "--proxy-export", "disk", "--cache-dir", self.CACHE],
+            stdout=subprocess.DEVNULL, stderr=open(f"{OUT}/enbd-server-proxy.log", "w")))
+        wait_port(self.PROXY_PORT)
+        # Warm: one pass over the whole image fills the cache.
+        t0 = time.monotonic()
+        sh(["nbdcopy", f"nbd://127.0.0.1:{self.PROXY_PORT}/disk", "null:"])
+        log(f"proxy cache warmed in {time.monotonic() - t0:.1f} s")
+
+    def stop(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        for i in self.DELAYS_MS:
+            sh(["ip", "netns", "del", f"r{i}"], check=False)
+        sh(["rm", "-rf", self.CACHE, self.IMAGE], check=False)
+
+
 class Loop:
     name = "loop"
 
@@ -231,6 +298,22 @@ class Enbd:
         self.name = f"enbd-{kind}{chans}c-{server}"
         self.short = os.path.basename(self.DEV)
 
+    def connect_args(self):
+        port = Servers.PORTS[self.server + ("-tls" if self.tls else "")]
+        export = "disk" if self.server == "enbd-server" else ""
+        args = [f"{BIN}/enbd-client", "connect", self.DEV, f"127.0.0.1:{port}",
+                "--export", export, "--channels", str(self.chans), "--log", self.log]
+        if self.tls:
+            args += ["--tls", "--ca", f"{CERTS}/ca-cert.pem", "--cert", f"{CERTS}/client-cert.pem",
+                     "--key", f"{CERTS}/client-key.pem"]
+            if self.tls == "proxy":
+                args += ["--tls-fallback", "always-proxy"]
+        return args
+
+    def ready(self):
+        """Whether the device is ready to be measured, once its channels are up."""
+        return True
+
     def pid_files(self):
         return [f"{RUN_DIR}/{self.short}.guardian.pid", f"{RUN_DIR}/{self.short}.pid"]
 
@@ -265,16 +348,7 @@ class Enbd:
             raise RuntimeError(f"{self.name}: {self.DEV} not idle before connect: " + "; ".join(left))
         Enbd.connects += 1
         self.log = f"{OUT}/enbd-client-{Enbd.connects:03d}-{self.name}.log"
-        port = Servers.PORTS[self.server + ("-tls" if self.tls else "")]
-        export = "disk" if self.server == "enbd-server" else ""
-        args = [f"{BIN}/enbd-client", "connect", self.DEV, f"127.0.0.1:{port}",
-                "--export", export, "--channels", str(self.chans), "--log", self.log]
-        if self.tls:
-            args += ["--tls", "--ca", f"{CERTS}/ca-cert.pem", "--cert", f"{CERTS}/client-cert.pem",
-                     "--key", f"{CERTS}/client-key.pem"]
-            if self.tls == "proxy":
-                args += ["--tls-fallback", "always-proxy"]
-        sh(args)
+        sh(self.connect_args())
         # Proxy channels are opened by the helper after it forks, so the
         # count can lag the connect; it must reach exactly what was asked.
         def all_up():
@@ -286,6 +360,9 @@ class Enbd:
             diag = diagnose(f"{self.name}-connect", [self.log])
             raise RuntimeError(f"{self.name}: {self.DEV} has {got} of {self.chans} channel(s) 30 s after "
                                f"connect (see {diag})")
+        if not wait_for(self.ready, 60, 0.2):
+            diag = diagnose(f"{self.name}-connect", [self.log])
+            raise RuntimeError(f"{self.name}: not ready 60 s after connect (see {diag})")
         # The guardian and helper write their pid files when they start.
         if not wait_for(lambda: all(os.path.exists(p) for p in self.pid_files()), 10):
             raise RuntimeError(f"{self.name}: no guardian/helper pid files in {RUN_DIR}")
@@ -311,6 +388,33 @@ class Enbd:
             diag = diagnose(f"{self.name}-disconnect", [self.log])
             raise RuntimeError(f"{self.name}: helper/guardian still running or state file left 30 s after "
                                f"disconnect: {'; '.join(self.leftovers())} (see {diag})")
+
+
+class EnbdReplicas(Enbd):
+    """enbd on replicas `ids` of Replicas, one channel each (or, with no
+    ids, on the warm caching proxy); with several, measured once the
+    helper has chosen one (its first probe round)."""
+
+    def __init__(self, ids):
+        super().__init__("replicas", max(len(ids), 1))
+        self.ids = ids
+        if not ids:
+            self.name = "enbd-proxy-warm"
+        elif len(ids) == 1:
+            self.name = f"enbd-replica-{Replicas.DELAYS_MS[ids[0]]}ms"
+        else:
+            self.name = "enbd-replicas-" + "-".join(str(Replicas.DELAYS_MS[i]) for i in ids) + "ms"
+
+    def connect_args(self):
+        addrs = [Replicas.addr(i) for i in self.ids] or [f"127.0.0.1:{Replicas.PROXY_PORT}"]
+        return ([f"{BIN}/enbd-client", "connect", self.DEV] + addrs
+                + ["--export", "disk", "--channels", str(self.chans), "--log", self.log])
+
+    def ready(self):
+        if len(self.ids) == 1:
+            return True
+        with open("/proc/nbdinfo") as f:
+            return any(line.startswith(f"{self.short} server ") and " role=active" in line for line in f)
 
 
 def fio(dev, wl, runtime, ramp, tag, diag_logs=()):
@@ -498,6 +602,8 @@ def main():
     sh(["insmod", KO])
     servers = Servers()
     servers.start()
+    replicas = Replicas()
+    replicas.start()
     # Linux nbd runs at every count enbd runs at, so "vs nbd" always
     # compares the same count (report.py never falls back to another).
     plan = [(Loop(), list(WORKLOADS))]
@@ -517,6 +623,10 @@ def main():
     # Scaling beyond 4 connections: 8 on both sides.
     plan += [(LinuxNbd("enbd-server", 8), list(SCALING_WORKLOADS)),
              (Enbd("enbd-server", 8), list(SCALING_WORKLOADS))]
+    # Multi-server: three replicas at 5, 20 and 40 ms vs the 5 ms and the
+    # 20 ms one alone, and the warm proxy vs its origin, the 20 ms one
+    # (report.py's "Multi-server" table).
+    plan += [(EnbdReplicas(ids), list(SCALING_WORKLOADS)) for ids in ((1, 2, 3), (1,), (2,), ())]
     names = [t.name for t, _ in plan]
     assert len(set(names)) == len(names), names
     ncells = sum(len(w) for _, w in plan) * repeats
@@ -535,6 +645,7 @@ def main():
             json.dump(results, f, indent=1)
         raise
     servers.stop()
+    replicas.stop()
     sh(["rmmod", "enbd"], check=False)
     with open(f"{OUT}/results.json", "w") as f:
         json.dump(results, f, indent=1)

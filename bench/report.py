@@ -155,6 +155,40 @@ def table(r):
     return lines
 
 
+def multi_server(cells):
+    """The multi-server comparisons: enbd on three replicas (5/20/40 ms)
+    against the 5 ms replica alone (the cost of probing and choosing) and
+    the 20 ms one alone (what choosing the fastest gains); enbd on the warm
+    caching proxy against its origin, the 20 ms replica."""
+    multi = next((n for n in cells if n.startswith("enbd-replicas-")), None)
+    if multi is None:
+        return []
+    lines = ["", "## Multi-server (read-only replicas behind netem delays; ratios of medians)", "",
+             "| workload | " + multi + " | vs enbd-replica-5ms | vs enbd-replica-20ms |", "|---|---|---|---|"]
+    for wl in WORKLOADS:
+        if not measured(cells, multi, wl):
+            continue
+        m = metric(wl)
+        a = Stat(cells[multi][wl], m)
+        cols = []
+        for alone in ("enbd-replica-5ms", "enbd-replica-20ms"):
+            if measured(cells, alone, wl) and Stat(cells[alone][wl], m).med > 0:
+                cols.append(compare(a, Stat(cells[alone][wl], m), alone.rsplit("-", 1)[1] + " alone"))
+            else:
+                cols.append("-")
+        lines.append(f"| {LABEL[wl]} | {throughput(cells[multi][wl], m)} | {cols[0]} | {cols[1]} |")
+    proxy, origin = "enbd-proxy-warm", "enbd-replica-20ms"
+    rows = [wl for wl in WORKLOADS if measured(cells, proxy, wl) and measured(cells, origin, wl)]
+    if rows:
+        lines += ["", f"| workload | {proxy} | vs its origin, {origin} |", "|---|---|---|"]
+        for wl in rows:
+            m = metric(wl)
+            b = Stat(cells[origin][wl], m)
+            vs = compare(Stat(cells[proxy][wl], m), b, "origin") if b.med > 0 else "-"
+            lines.append(f"| {LABEL[wl]} | {throughput(cells[proxy][wl], m)} | {vs} |")
+    return lines
+
+
 def main():
     src, prefix = sys.argv[1], sys.argv[2]
     machine = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--machine" else ""
@@ -182,6 +216,7 @@ def main():
         "",
     ]
     lines += table(r)
+    lines += multi_server(cells)
     f = r.get("failover")
     if f:
         lines += [

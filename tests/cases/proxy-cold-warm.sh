@@ -25,6 +25,7 @@ for f in d.cache d.map; do
 	[ -f "$PROXY_CACHE/$f" ] || fail "no $f in $PROXY_CACHE"
 done
 cached=$(counter /tmp/enbd-proxy-1.log cache)
+echo "after the cold read: $(grep -E 'proxy d: [0-9]+ bytes' /tmp/enbd-proxy-1.log | tail -n1 | sed 's/.*proxy d:/proxy d:/')"
 
 # Warm: the same bytes, none of them from the upstream.
 read_through_proxy /tmp/enbd-proxy-1.log 48 "$sum" warm
@@ -32,6 +33,7 @@ expect_eq "$(counter /tmp/enbd-proxy-1.log upstream)" "$size" "bytes from upstre
 warm=$(counter /tmp/enbd-proxy-1.log cache)
 [ $((warm - cached)) -ge "$size" ] ||
 	fail "the warm read served $((warm - cached)) bytes from the cache, expected at least $size"
+echo "after the warm read: $(grep -E 'proxy d: [0-9]+ bytes' /tmp/enbd-proxy-1.log | tail -n1 | sed 's/.*proxy d:/proxy d:/')"
 grep -E 'checksum mismatch|cache corruption' /tmp/enbd-proxy-1.log && fail "corruption reported on a good image"
 
 # Restarted: the cache (data and map) is kept.
@@ -42,6 +44,7 @@ grep -qE 'proxy cache opened.* present=384' /tmp/enbd-proxy-2.log ||
 read_through_proxy /tmp/enbd-proxy-2.log 48 "$sum" restarted
 expect_eq "$(counter /tmp/enbd-proxy-2.log upstream)" 0 "bytes from upstream after the restart"
 [ "$(counter /tmp/enbd-proxy-2.log cache)" -ge "$size" ] || fail "the restarted proxy did not serve from its cache"
+echo "after the restart: $(grep -E 'proxy d: [0-9]+ bytes' /tmp/enbd-proxy-2.log | tail -n1 | sed 's/.*proxy d:/proxy d:/')"
 
 stop_proxy
 kill "$UPSTREAM_PID"
