@@ -240,6 +240,9 @@ fio_verify_finish() {
 	local limit=$((${1:-300} * factor)) max_stall=${2:-} rc=0
 	fio_wait_done "$limit"
 	fio_json_report "$max_stall" "$factor" || rc=$?
+	# What the devices saw (aged requests show as spoiled, resubmits, late
+	# replies), for the post-mortem of a failure.
+	[ "$rc" = 0 ] || grep -v ' state=unconfigured\| requests=0 ' /proc/nbdinfo
 	[ "$rc" != 3 ] || fail "fio reported errors"
 	[ "$rc" != 4 ] || fail "the longest stall exceeds the case's bound"
 	[ "$rc" = 0 ] || fail "could not read fio's results ($FIO_JSON)"
@@ -489,6 +492,9 @@ run_bounded() {
 # delay on the server's side (the round trip gains $2 ms).
 setup_replica() {
 	local i=$1 ms=$2
+	# A namespace deleted by the previous case is torn down asynchronously,
+	# and its veth peer here with it: do not trip over a leftover.
+	ip link del "vr${i}c" 2>/dev/null
 	run ip netns add "r$i"
 	run ip link add "vr${i}c" type veth peer name "vr${i}s"
 	run ip link set "vr${i}s" netns "r$i"

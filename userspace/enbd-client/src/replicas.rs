@@ -42,6 +42,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct View {
     pub rtts: Vec<Rtt>,
     pub probes: Vec<u32>,
+    /// Whether each server's last probe failed: it is down now, whatever
+    /// its average (which takes 4 failures to mark it unusable).
+    pub failed: Vec<bool>,
     pub active: Option<usize>,
 }
 
@@ -50,17 +53,15 @@ impl View {
         Self {
             rtts: vec![Rtt::default(); n],
             probes: vec![0; n],
+            failed: vec![false; n],
             active: None,
         }
     }
 
     /// Whether a channel to server `i` is worth trying: it answered its
-    /// probes, or was not probed yet.
+    /// last probe, or was not probed yet.
     pub fn usable(&self) -> Vec<bool> {
-        self.rtts
-            .iter()
-            .map(|r| r.average().is_none() || r.usable())
-            .collect()
+        self.failed.iter().map(|f| !f).collect()
     }
 
     /// The device's argument for `IOC_SERVERS`.
@@ -79,7 +80,7 @@ impl View {
                 probes: self.probes[i],
                 state: match r.average() {
                     None => uapi::SERVER_UNKNOWN,
-                    Some(_) if r.usable() => uapi::SERVER_UP,
+                    Some(_) if r.usable() && !self.failed[i] => uapi::SERVER_UP,
                     Some(_) => uapi::SERVER_DOWN,
                 },
             };
@@ -171,11 +172,18 @@ pub fn run(
             for (i, r) in results.iter().enumerate() {
                 v.probes[i] += 1;
                 match r {
-                    Ok(d) => v.rtts[i].record(u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+                    Ok(d) => {
+                        if v.failed[i] {
+                            info!("{} answers its probes again", targets[i]);
+                        }
+                        v.failed[i] = false;
+                        v.rtts[i].record(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+                    }
                     Err(e) => {
-                        if v.rtts[i].usable() || v.rtts[i].average().is_none() {
+                        if !v.failed[i] {
                             warn!("probe of {} failed: {e:#}", targets[i]);
                         }
+                        v.failed[i] = true;
                         v.rtts[i].record_failure();
                     }
                 }
@@ -223,5 +231,35 @@ pub fn run(
         while !stop.load(Ordering::Relaxed) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_whose_last_probe_failed_is_down_and_gets_no_channels() {
+        let targets: Vec<Target> = vec!["a:1".parse().unwrap(), "b:1".parse().unwrap()];
+        let mut v = View::new(2);
+        let state = |v: &View| -> Vec<u32> {
+            let a = v.servers_arg(&targets, [0; uapi::TOKEN_LEN]);
+            a.servers[..2].iter().map(|s| s.state).collect()
+        };
+        assert_eq!(state(&v), [uapi::SERVER_UNKNOWN; 2]);
+        assert_eq!(v.usable(), [true, true], "not probed yet: worth trying");
+        for _ in 0..4 {
+            v.rtts[0].record(5_000);
+            v.rtts[1].record(20_000);
+        }
+        assert_eq!(state(&v), [uapi::SERVER_UP; 2]);
+        // One failed probe: its average still counts it usable, but it is
+        // down now.
+        v.rtts[0].record_failure();
+        v.failed[0] = true;
+        assert!(v.rtts[0].usable());
+        assert_eq!(state(&v), [uapi::SERVER_DOWN, uapi::SERVER_UP]);
+        assert_eq!(v.usable(), [false, true]);
+        assert_eq!(replica::choose(Some(0), &v.rtts), Some(1));
     }
 }
