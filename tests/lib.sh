@@ -492,9 +492,6 @@ run_bounded() {
 # delay on the server's side (the round trip gains $2 ms).
 setup_replica() {
 	local i=$1 ms=$2
-	# A namespace deleted by the previous case is torn down asynchronously,
-	# and its veth peer here with it: do not trip over a leftover.
-	ip link del "vr${i}c" 2>/dev/null
 	run ip netns add "r$i"
 	run ip link add "vr${i}c" type veth peer name "vr${i}s"
 	run ip link set "vr${i}s" netns "r$i"

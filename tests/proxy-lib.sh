@@ -19,6 +19,18 @@ start_proxy() {
 	wait_port 10810
 }
 
+# An upstream enbd-server on 127.0.0.1:10809 serving export d: image $1,
+# $2 MiB of random data, with its checksum sidecar (so it serves d.crc
+# too). Sets UPSTREAM_SUM (the image's md5) and UPSTREAM_PID.
+start_checked_upstream() {
+	make_backing "$1" "$2"
+	UPSTREAM_SUM=$(write_random "$1" "$2")
+	rm -f "/tmp/random-$2.bin" # /tmp is small
+	run "$SERVER" checksum "$1"
+	start_server 10809 "d=$1,ro,crc"
+	UPSTREAM_PID=$SERVER_PID
+}
+
 stop_proxy() {
 	kill "$PROXY_PID"
 	wait "$PROXY_PID" 2>/dev/null

@@ -6,12 +6,8 @@ img=/tmp/up.img
 size=$((48 << 20))
 
 load_enbd
-make_backing "$img" 48
-sum=$(write_random "$img" 48)
-rm -f /tmp/random-48.bin # /tmp is small
-run "$SERVER" checksum "$img"
-start_server 10809 "d=$img,ro,crc"
-UPSTREAM_PID=$SERVER_PID
+start_checked_upstream "$img" 48
+sum=$UPSTREAM_SUM
 rm -rf "$PROXY_CACHE"
 
 # Cold: every byte comes from the upstream, each 16 MiB block once and

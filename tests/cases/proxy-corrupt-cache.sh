@@ -15,12 +15,9 @@ block_md5() {
 }
 
 load_enbd
-make_backing "$img" 48
-sum=$(write_random "$img" 48)
-rm -f /tmp/random-48.bin # /tmp is small
-run "$SERVER" checksum "$img"
-start_server 10809 "d=$img,ro,crc"
-GOOD_PID=$SERVER_PID
+start_checked_upstream "$img" 48
+sum=$UPSTREAM_SUM
+GOOD_PID=$UPSTREAM_PID
 rm -rf "$PROXY_CACHE"
 
 # A byte flipped in the cache file of a running proxy, after a cold read.

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use enbd_core::replica::{self, ProbeSchedule, Round, Rtt};
 use enbd_core::uapi::{self, ServerArg, ServersArg, NO_SERVER};
-use enbd_core::wire::{Cmd, Request, SimpleReply};
+use enbd_core::wire::{Cmd, Request};
+use enbd_nbd::client::exchange;
 use tracing::{info, warn};
 
 use crate::connect::{open_channel, Handoff, Session, Target};
@@ -118,20 +119,8 @@ pub fn probe(t: &Target, s: &Session, size: u64) -> Result<Duration> {
     let mut best = Duration::MAX;
     for cookie in 0..PROBE_READS {
         let start = Instant::now();
-        conn.write_all(&Request::new(Cmd::Read, 0, cookie, 0, len).encode())
-            .context("sending the probe")?;
-        let mut hdr = [0u8; SimpleReply::LEN];
-        conn.read_exact(&mut hdr)
-            .context("reading the probe's reply")?;
-        let reply = SimpleReply::decode(&hdr).map_err(|e| anyhow::anyhow!("probe reply: {e:?}"))?;
-        if reply.cookie != cookie {
-            bail!("probe reply with a handle that was not sent");
-        }
-        if reply.error != 0 {
-            bail!("probe READ failed with NBD error {}", reply.error);
-        }
-        conn.read_exact(&mut data)
-            .context("reading the probe's data")?;
+        let req = Request::new(Cmd::Read, 0, cookie, 0, len);
+        exchange(&mut conn, &req, &mut data).context("probe READ")?;
         best = best.min(start.elapsed());
     }
     let _ = conn.write_all(&Request::new(Cmd::Disc, 0, 0, 0, 0).encode());

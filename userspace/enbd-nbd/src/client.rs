@@ -104,8 +104,13 @@ impl Write for ByDeadline<'_> {
 }
 
 /// Sends `req` (a `READ` of `buf.len()` bytes) and reads its simple reply
-/// into `buf`.
-fn exchange(s: &mut (impl Read + Write), req: &Request, buf: &mut [u8]) -> Result<(), ClientError> {
+/// into `buf`: the magic, cookie and error are checked. Also for callers
+/// with a stream of their own (the helper's RTT probes, over TLS).
+pub fn exchange(
+    s: &mut (impl Read + Write),
+    req: &Request,
+    buf: &mut [u8],
+) -> Result<(), ClientError> {
     s.write_all(&req.encode())?;
     let mut h = [0u8; SimpleReply::LEN];
     s.read_exact(&mut h)?;
@@ -251,6 +256,31 @@ mod tests {
     use enbd_core::wire::{handshake, opt, rep, Greeting, Info, OptionReplyHeader};
     use std::net::TcpListener;
 
+    /// The server's side of a handshake: the greeting, then whatever one
+    /// option the client sends is answered as `GO` for an export of `size`
+    /// bytes.
+    fn handshake_go(s: &mut TcpStream, size: u64) {
+        let g = Greeting {
+            flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
+        };
+        s.write_all(&g.encode()).unwrap();
+        let mut b = [0u8; 4 + 16];
+        s.read_exact(&mut b).unwrap();
+        let len = u32::from_be_bytes(b[16..20].try_into().unwrap());
+        s.read_exact(&mut vec![0u8; len as usize]).unwrap();
+        let mut i = [0u8; 16];
+        let n = Info::Export { size, flags: 1 }.encode(&mut i).unwrap();
+        for (reply, body) in [(rep::INFO, &i[..n]), (rep::ACK, &[][..])] {
+            let h = OptionReplyHeader {
+                option: opt::GO,
+                reply,
+                length: body.len() as u32,
+            };
+            s.write_all(&h.encode()).unwrap();
+            s.write_all(body).unwrap();
+        }
+    }
+
     /// A scripted server: the handshake for an export of `size` bytes, then
     /// for each request read, the bytes `answer` makes of its cookie.
     fn server(size: u64, answer: fn(u64) -> Vec<u8>) -> String {
@@ -258,26 +288,7 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            let g = Greeting {
-                flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
-            };
-            s.write_all(&g.encode()).unwrap();
-            let mut b = [0u8; 4 + 16];
-            s.read_exact(&mut b).unwrap();
-            let len = u32::from_be_bytes(b[16..20].try_into().unwrap());
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).unwrap();
-            let mut i = [0u8; 16];
-            let n = Info::Export { size, flags: 1 }.encode(&mut i).unwrap();
-            for (reply, body) in [(rep::INFO, &i[..n]), (rep::ACK, &[][..])] {
-                let h = OptionReplyHeader {
-                    option: opt::GO,
-                    reply,
-                    length: body.len() as u32,
-                };
-                s.write_all(&h.encode()).unwrap();
-                s.write_all(body).unwrap();
-            }
+            handshake_go(&mut s, size);
             let mut req = [0u8; Request::LEN];
             while s.read_exact(&mut req).is_ok() {
                 let r = Request::decode(&req).unwrap();
@@ -343,30 +354,7 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            let g = Greeting {
-                flags: handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES,
-            };
-            s.write_all(&g.encode()).unwrap();
-            let mut b = [0u8; 4 + 16];
-            s.read_exact(&mut b).unwrap();
-            let len = u32::from_be_bytes(b[16..20].try_into().unwrap());
-            s.read_exact(&mut vec![0u8; len as usize]).unwrap();
-            let mut i = [0u8; 16];
-            let n = Info::Export {
-                size: 4096,
-                flags: 1,
-            }
-            .encode(&mut i)
-            .unwrap();
-            for (reply, body) in [(rep::INFO, &i[..n]), (rep::ACK, &[][..])] {
-                let h = OptionReplyHeader {
-                    option: opt::GO,
-                    reply,
-                    length: body.len() as u32,
-                };
-                s.write_all(&h.encode()).unwrap();
-                s.write_all(body).unwrap();
-            }
+            handshake_go(&mut s, 4096);
             let mut req = [0u8; Request::LEN];
             s.read_exact(&mut req).unwrap();
             let r = Request::decode(&req).unwrap();

@@ -1030,15 +1030,7 @@ mod tests {
     const BLOCK: u64 = 1 << 20;
 
     fn pattern(seed: u8) -> Vec<u8> {
-        let mut x = 0x9e37_79b9u32 ^ u32::from(seed);
-        (0..SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
+        crate::testutil::noise(SIZE as usize, u64::from(seed))
     }
 
     /// A temporary directory, removed on drop.

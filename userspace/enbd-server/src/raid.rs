@@ -596,7 +596,7 @@ impl Storage for Raid {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::TempFile;
+    use crate::testutil::{noise, TempFile};
     use proptest::prelude::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
@@ -912,19 +912,6 @@ mod tests {
     fn open(mode: Mode, files: &[TempFile]) -> anyhow::Result<Raid> {
         let paths: Vec<PathBuf> = files.iter().map(|f| f.path().to_owned()).collect();
         Raid::open("test", mode, &paths, false, false)
-    }
-
-    /// Pseudo-random bytes, the same for the same seed.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     /// Writes, zeroes and trims through the storage and a reference buffer

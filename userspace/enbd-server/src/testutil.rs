@@ -18,6 +18,19 @@ use crate::export::Export;
 /// How long a test waits for anything before it fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// Pseudo-random bytes (xorshift), the same for the same seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A file in the temp directory, removed on drop.
 pub struct TempFile(PathBuf);
 
