@@ -229,6 +229,20 @@ sys.exit(3 if errs else 4 if bound is not None and stall > bound else 0)
 PY
 }
 
+# Waits up to $1 seconds for fio, times ENBD_TIME_FACTOR, and fails on any
+# error it reports or a longest stall over $2 ms (when given).
+fio_verify_result() {
+	local factor=${ENBD_TIME_FACTOR:-1} rc=0
+	fio_wait_done "$(($1 * factor))"
+	fio_json_report "$2" "$factor" || rc=$?
+	# What the devices saw (aged requests show as spoiled, resubmits, late
+	# replies), for the post-mortem of a failure.
+	[ "$rc" = 0 ] || grep -v ' state=unconfigured\| requests=0 ' /proc/nbdinfo
+	[ "$rc" != 3 ] || fail "fio reported errors"
+	[ "$rc" != 4 ] || fail "the longest stall exceeds the case's bound"
+	[ "$rc" = 0 ] || fail "could not read fio's results ($FIO_JSON)"
+}
+
 # Waits up to $1 seconds (default 300) for fio and fails on any error. Prints
 # the longest completion latency ("stall") fio saw, in ms, and fails if it
 # exceeds $2 ms when given: the bound a case promises (request_timeout + 1 s,
@@ -236,16 +250,7 @@ PY
 # multiplied by it and the bound gets (factor - 1) s more slack: timeouts run
 # on the guest's clock, but everything around them is slower.
 fio_verify_finish() {
-	local factor=${ENBD_TIME_FACTOR:-1}
-	local limit=$((${1:-300} * factor)) max_stall=${2:-} rc=0
-	fio_wait_done "$limit"
-	fio_json_report "$max_stall" "$factor" || rc=$?
-	# What the devices saw (aged requests show as spoiled, resubmits, late
-	# replies), for the post-mortem of a failure.
-	[ "$rc" = 0 ] || grep -v ' state=unconfigured\| requests=0 ' /proc/nbdinfo
-	[ "$rc" != 3 ] || fail "fio reported errors"
-	[ "$rc" != 4 ] || fail "the longest stall exceeds the case's bound"
-	[ "$rc" = 0 ] || fail "could not read fio's results ($FIO_JSON)"
+	fio_verify_result "${1:-300}" "${2:-}"
 	local klog
 	if [ -n "${FIO_SEQ:-}" ]; then
 		klog=$(case_log "$FIO_SEQ")
@@ -443,12 +448,12 @@ fio_verify_start_at() {
 	FIO_SEQ=$(kmsg_seq)
 }
 
-# Like fio_verify_finish, but kernel I/O errors are allowed for sectors $1 to
-# $2 (512-byte units) of enbd devices, where the case provoked them.
+# Like fio_verify_finish (the longest stall bounded by $3 ms, the wait by $4
+# s), but kernel I/O errors are allowed for sectors $1 to $2 (512-byte units)
+# of enbd devices, where the case provoked them.
 fio_verify_finish_except() {
-	local first=$1 last=$2 limit=${3:-300}
-	fio_wait_done "$limit"
-	fio_json_report "" 1 || fail "fio reported errors"
+	local first=$1 last=$2
+	fio_verify_result "${4:-300}" "$3"
 	local bad
 	bad=$(case_log "$FIO_SEQ" | grep -E 'I/O error|Buffer I/O' |
 		awk -v lo="$first" -v hi="$last" '{

@@ -35,7 +35,9 @@ grep '^enbd0 stats' /proc/nbdinfo
 gave_up=$(tag_field enbd0 stats gave_up)
 [ -n "$gave_up" ] && [ "$gave_up" -ge 1 ] || fail "stats gave_up is '$gave_up', expected >= 1"
 
-fio_verify_finish_except $((P / 512)) $((P / 512 + 7))
+# The bystanders on each killed channel are resubmitted at once to the
+# other one, or to a replacement (--retry-max 1): request_timeout + 1 s.
+fio_verify_finish_except $((P / 512)) $((P / 512 + 7)) 6000
 drops=$(case_log | grep -c 'enbd0: channel [0-9]* dropped')
 echo "channel drops logged: $drops"
 [ "$drops" -le 50 ] || fail "$drops channel drops logged (more than 50)"

@@ -13,8 +13,11 @@ done
 must_fail "writable.*--shared-backend" "$CLIENT" connect /dev/enbd0 10.99.11.2 10.99.12.2 --export rw --foreground
 expect_eq "$(proc_field enbd0 state)" unconfigured "state after the refused connect"
 must_fail "given twice" "$CLIENT" connect /dev/enbd0 10.99.11.2 10.99.11.2:10809 --export disk --foreground
+# The default --probe-max (60 s): the rounds back off while nothing
+# changes, and the lost channels must start a round at once.
 run "$CLIENT" connect /dev/enbd0 10.99.11.2 10.99.12.2 10.99.13.2 --export disk \
-	--probe-max 4 --retry-max 1 --log /tmp/enbd-client-enbd0.log
+	--retry-max 1 --log /tmp/enbd-client-enbd0.log
+factor=${ENBD_TIME_FACTOR:-1}
 wait_for 30 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=0 .*role=active"' ||
 	fail "server 0 (2 ms) was not chosen: $(grep '^enbd0 server' /proc/nbdinfo)"
 rm -f /tmp/rv.stop /tmp/rv.rc
@@ -23,11 +26,18 @@ rm -f /tmp/rv.stop /tmp/rv.rc
 		--threads 8 --until /tmp/rv.stop >/tmp/rv.out 2>&1
 	echo $? >/tmp/rv.rc
 ) &
-sleep 5
+# Rounds run 2, 4, 8 and 16 s apart while nothing changes: after the 5th,
+# the next is 32 s away.
+wait_for $((60 * factor)) sh -c '[ "$(grep "^enbd0 server id=0 " /proc/nbdinfo | tr " " "\n" | sed -n "s/^probes=//p")" -ge 5 ]' ||
+	fail "server 0 was not probed 5 times within 60 s: $(grep '^enbd0 server' /proc/nbdinfo)"
 r0=$(tag_field enbd0 stats resubmits)
 run kill -9 "${REPLICA_PID[1]}"
-wait_for 40 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=1 .*role=active"' ||
-	fail "the I/O did not move to server 1 after server 0 died: $(grep '^enbd0 server' /proc/nbdinfo)"
+t0=$SECONDS
+# One probe (at most 5 s) after the channel loss, not the next scheduled round.
+wait_for $((10 * factor)) sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=0 .*state=down.*role=standby"' ||
+	fail "server 0 was not shown down within 10 s of its death: $(grep '^enbd0 server' /proc/nbdinfo)"
+expect_eq "$(active_server enbd0)" 1 "chosen server after server 0 died"
+echo "server 0 shown down, server 1 chosen, $((SECONDS - t0)) s after the kill"
 grep '^enbd0' /proc/nbdinfo
 r1=$(tag_field enbd0 stats resubmits)
 echo "resubmitted when server 0 died: $((r1 - r0))"
@@ -39,7 +49,6 @@ wait_for 60 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q "id=2 .*role=ac
 	fail "the I/O did not move to server 2 after server 1 stalled: $(grep '^enbd0 server' /proc/nbdinfo)"
 sleep 5
 touch /tmp/rv.stop
-factor=${ENBD_TIME_FACTOR:-1}
 wait_for $((60 * factor)) test -f /tmp/rv.rc || { dump_stall; fail "readverify did not stop"; }
 cat /tmp/rv.out
 grep '^enbd0' /proc/nbdinfo

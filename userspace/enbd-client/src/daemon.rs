@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::connect::{open_channel, Fallback, Session, Target, TlsOpts};
 use crate::ioctl::{EnbdDev, IoctlError};
-use crate::replicas::View;
+use crate::replicas::{ProberCtl, View};
 
 /// Where runtime files live; `ENBD_RUN_DIR` overrides it.
 pub fn run_dir() -> PathBuf {
@@ -330,14 +330,14 @@ pub fn helper(state: &State) -> Result<()> {
     // that carries the I/O; replacement channels go to servers it found
     // answering.
     let view = Arc::new(Mutex::new(View::new(targets.len())));
-    let stop_prober = Arc::new(AtomicBool::new(false));
+    let prober = Arc::new(ProberCtl::default());
     if targets.len() > 1 {
-        let (v, stop) = (view.clone(), stop_prober.clone());
+        let (v, ctl) = (view.clone(), prober.clone());
         let (pdev, s) = (EnbdDev::open(&state.device)?, state.session.clone());
         let (size, token, t) = (state.size, state.token, targets.clone());
         std::thread::Builder::new()
             .name("prober".into())
-            .spawn(move || crate::replicas::run(pdev, t, s, size, token, v, stop))
+            .spawn(move || crate::replicas::run(pdev, t, s, size, token, v, ctl))
             .context("cannot start the prober thread")?;
     }
     let st = dev.status()?;
@@ -411,6 +411,7 @@ pub fn helper(state: &State) -> Result<()> {
         }
         let now = Instant::now();
         if st.channels < known {
+            prober.wake.store(true, Ordering::Relaxed);
             if let Some((lived, d)) = backoff.lost(now) {
                 warn!(
                     "{name}: a channel went down {:.2} s after it was handed in; counting that \
@@ -463,7 +464,7 @@ pub fn helper(state: &State) -> Result<()> {
             }
         }
     }
-    stop_prober.store(true, Ordering::Relaxed);
+    prober.stop.store(true, Ordering::Relaxed);
     State::remove(&state.device);
     let _ = fs::remove_file(pid_path(&state.device, false));
     Ok(())

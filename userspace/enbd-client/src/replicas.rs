@@ -140,8 +140,20 @@ fn round(targets: &[Target], s: &Session, size: u64) -> Vec<Result<Duration>> {
     })
 }
 
-/// The prober thread of a multi-server helper: probe rounds until `stop`,
-/// each ending with `IOC_SERVERS`. Returns if the device refuses the token.
+/// How the helper's loop steers the prober thread.
+#[derive(Default)]
+pub struct ProberCtl {
+    /// End the thread.
+    pub stop: AtomicBool,
+    /// Start the next round now: a channel was lost, so a server may have
+    /// died, and `/proc/nbdinfo` and the helper's choice of where
+    /// replacement channels go should not wait out a long back-off.
+    pub wake: AtomicBool,
+}
+
+/// The prober thread of a multi-server helper: probe rounds until
+/// `ctl.stop`, each ending with `IOC_SERVERS`. Returns if the device
+/// refuses the token.
 pub fn run(
     dev: EnbdDev,
     targets: Vec<Target>,
@@ -149,11 +161,12 @@ pub fn run(
     size: u64,
     token: [u8; uapi::TOKEN_LEN],
     view: Arc<Mutex<View>>,
-    stop: Arc<AtomicBool>,
+    ctl: Arc<ProberCtl>,
 ) {
     let mut schedule = ProbeSchedule::default();
     let max = session.probe_max;
-    while !stop.load(Ordering::Relaxed) {
+    while !ctl.stop.load(Ordering::Relaxed) {
+        ctl.wake.store(false, Ordering::Relaxed);
         let results = round(&targets, &session, size);
         let (arg, outcome) = {
             let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
@@ -217,7 +230,10 @@ pub fn run(
         }
         let wait = Duration::from_millis(u64::from(schedule.after(outcome))).min(max);
         let until = Instant::now() + wait;
-        while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        while !ctl.stop.load(Ordering::Relaxed)
+            && !ctl.wake.load(Ordering::Relaxed)
+            && Instant::now() < until
+        {
             std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
         }
     }
