@@ -652,15 +652,30 @@ impl Device {
             io.journal
                 .set_max_resubmits(sys::param(Param::MaxResubmits));
             let aged = io.journal.age(now, timeout);
-            for id in bits(aged.suspects) {
+            // With several servers, a timeout makes the server suspect:
+            // all its channels, so the standbys take over at once.
+            let suspects = if io.server_count > 1 {
+                crate::replica::suspects_of(aged.suspects, |id| {
+                    io.chans
+                        .get(id)
+                        .map(|s| &s.info)
+                        .filter(|c| c.state == ChanState::Up)
+                        .map(|c| c.server)
+                })
+            } else {
+                aged.suspects
+            };
+            for id in bits(suspects) {
                 if let Some(info) = io.info_mut(id) {
                     if info.state == ChanState::Up {
                         info.health.suspect();
-                        info.spoiled += 1;
+                        if aged.suspects & (1u64 << id) != 0 {
+                            info.spoiled += 1;
+                        }
                     }
                 }
             }
-            let mut wake = aged.rolled_back > 0 || aged.suspects != 0;
+            let mut wake = aged.rolled_back > 0 || suspects != 0;
             let mut silent = 0u64;
             for (id, info) in io.chans.iter_mut().map(|s| &mut s.info).enumerate() {
                 if info.state != ChanState::Up {

@@ -119,6 +119,29 @@ pub fn carries(server: u32, active: Option<u32>, active_can: bool) -> bool {
     }
 }
 
+/// The channels to suspect when requests timed out on the channels in the
+/// mask `aged`, `server_of(c)` being channel `c`'s server (`None` for a
+/// channel that is not up): every channel to a server that one of them
+/// leads to. Channels to one server share its fate, and a request moved
+/// from a stalled server's channel to a sibling not yet suspect would
+/// wait a second `request_timeout` there before a standby server got it.
+/// A sibling that is well answers its probe and is cleared at once.
+pub fn suspects_of(aged: u64, server_of: impl Fn(usize) -> Option<u32>) -> u64 {
+    let mut servers = 0u64;
+    let mut out = aged;
+    for c in (0..64).filter(|c| aged & (1 << c) != 0) {
+        if let Some(s) = server_of(c).filter(|&s| s < 64) {
+            servers |= 1 << s;
+        }
+    }
+    for c in 0..64 {
+        if server_of(c).is_some_and(|s| s < 64 && servers & (1 << s) != 0) {
+            out |= 1 << c;
+        }
+    }
+    out
+}
+
 /// How many of `channels` channels server `i` of `n` should have: an even
 /// share, the first servers taking one more when it does not divide.
 pub fn share(channels: u32, n: usize, i: usize) -> u32 {
@@ -209,6 +232,27 @@ mod tests {
 
     fn ms(n: u32) -> u32 {
         n * 1000
+    }
+
+    #[test]
+    fn a_timeout_makes_every_channel_to_that_server_suspect() {
+        // Channels 0..6 over servers 0, 1, 2, 0, 1, 2; channel 4 is down.
+        let server_of = |c: usize| match c {
+            4 => None,
+            0..=5 => Some(c as u32 % 3),
+            _ => None,
+        };
+        assert_eq!(suspects_of(0, server_of), 0);
+        assert_eq!(suspects_of(1 << 0, server_of), 1 << 0 | 1 << 3);
+        assert_eq!(suspects_of(1 << 3, server_of), 1 << 0 | 1 << 3);
+        // A channel that is not up stays out, and so does its server's
+        // other channel unless it aged itself.
+        assert_eq!(suspects_of(1 << 4, server_of), 1 << 4);
+        assert_eq!(suspects_of(1 << 1, server_of), 1 << 1);
+        assert_eq!(
+            suspects_of(1 << 2 | 1 << 1, server_of),
+            1 << 1 | 1 << 2 | 1 << 5
+        );
     }
 
     #[test]
