@@ -4,6 +4,9 @@
 ENBD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ENBD_CACHE=${ENBD_CACHE:-$HOME/.cache/enbd}
 ENBD_TOOLS=$ENBD_CACHE/tools
+# The fuzz builds (nightly, AddressSanitizer) live outside the tree, so a
+# fresh clone on a machine that built them before does not redo them.
+ENBD_FUZZ_TARGET=$ENBD_CACHE/fuzz/target
 BINDGEN_VERSION=0.70.1
 VNG_VERSION=1.42
 BINDGEN=$ENBD_TOOLS/bindgen-$BINDGEN_VERSION/bin/bindgen

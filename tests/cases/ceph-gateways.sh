@@ -22,11 +22,12 @@ wait_for 60 sh -c 'grep "^enbd0 server " /proc/nbdinfo | grep -q role=active' ||
 grep '^enbd0' /proc/nbdinfo
 active=$(active_server enbd0)
 other=$((1 - active))
-fio_verify_start_at /dev/enbd0 0 96 384
+fio_verify_start_at /dev/enbd0 0 96 192
 wait_for 120 sh -c "[ \$(grep '^enbd0 server id=$active ' /proc/nbdinfo | tr ' ' '\n' | sed -n 's/^bytes=//p') -ge 16777216 ]" ||
 	fail "no I/O reached gateway $active"
 r0=$(tag_field enbd0 stats resubmits)
 run $CEPH gw-stop /tmp/ceph $((10811 + active)) KILL
+fio_still_running "the gateway was killed"
 wait_for 120 sh -c "grep '^enbd0 server ' /proc/nbdinfo | grep -q 'id=$other .*role=active'" ||
 	fail "the I/O did not move to gateway $other: $(grep '^enbd0 server' /proc/nbdinfo)"
 # The stall is the watch timeout, within request_timeout (30 s) + 1 s.

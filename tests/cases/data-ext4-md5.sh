@@ -1,7 +1,7 @@
-# ext4 on /dev/enbd0 served by enbd-server: 256 MiB of random files survive sync, cache drop and disconnect
+# ext4 on /dev/enbd0 served by enbd-server: 128 MiB of random files survive sync, cache drop and disconnect
 # timeout: 600
 load_enbd
-make_backing /tmp/disk.img 640
+make_backing /tmp/disk.img 384
 start_server 10809 disk=/tmp/disk.img
 connect_enbd /dev/enbd0 10809 disk
 run mkfs.ext4 -q -F /dev/enbd0
@@ -9,7 +9,7 @@ mkdir -p /tmp/mnt
 run mount /dev/enbd0 /tmp/mnt
 sums=()
 for i in 0 1 2 3; do
-	head -c 64M /dev/urandom >/tmp/chunk
+	head -c 32M /dev/urandom >/tmp/chunk
 	sums+=("$(md5sum </tmp/chunk | cut -d' ' -f1)")
 	run cp /tmp/chunk /tmp/mnt/file$i
 done

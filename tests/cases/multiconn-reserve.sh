@@ -37,7 +37,7 @@ expect_eq "$(channels_with_role enbd0 active)" "$active" "active channel after I
 conn_bytes 10809
 port=$(busiest_port 10809)
 [ -n "$port" ] || fail "no connection to port 10809"
-fio_verify_start /dev/enbd0 256
+fio_verify_start /dev/enbd0 128
 sleep 5
 [ -f /tmp/fio.rc ] && fail "fio ended before the reset: $(cat /tmp/fio.out)"
 kill_conn 10809 "$port"

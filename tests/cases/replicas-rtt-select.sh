@@ -47,19 +47,24 @@ p0=$(server_field enbd0 0 probes)
 replica_delay 1 65
 t0=$SECONDS
 snap=""
-until [ $((SECONDS - t0)) -ge 60 ]; do
+until [ $((SECONDS - t0)) -ge $((60 * ${ENBD_TIME_FACTOR:-1})) ]; do
 	snap=$(grep '^enbd0 server ' /proc/nbdinfo)
 	grep -q '^enbd0 server id=1 .* role=active' <<<"$snap" && break
 	sleep 0.2
 done
 echo "$snap"
 grep -q '^enbd0 server id=1 .* role=active' <<<"$snap" ||
-	fail "the I/O did not move to the 20 ms server within 60 s"
+	fail "the I/O did not move to the 20 ms server within $((60 * ${ENBD_TIME_FACTOR:-1})) s"
 p1=$(grep '^enbd0 server id=0 ' <<<"$snap" | tr ' ' '\n' | sed -n 's/^probes=//p')
 echo "switched after $((SECONDS - t0)) s and $((p1 - p0)) probe round(s) of the slowed server"
 # Two rounds after the change, plus the one that may have been under way
-# (its probe of server 0 possibly taken before the delay).
-[ $((p1 - p0)) -le 3 ] || fail "the switch took $((p1 - p0)) probe rounds, more than two (plus one under way)"
+# (its probe of server 0 possibly taken before the delay). On the debug
+# kernel every probe's RTT carries tens of ms of the guest's own slowness
+# (the 5 ms server measures 30-40 ms there), which blurs the 60 ms step:
+# there the switch gets ENBD_TIME_FACTOR times the rounds (measured: 4).
+max_rounds=$((3 * ${ENBD_TIME_FACTOR:-1}))
+[ $((p1 - p0)) -le "$max_rounds" ] ||
+	fail "the switch took $((p1 - p0)) probe rounds, more than $max_rounds (two, plus one under way, on the default kernel)"
 
 # It stays there, and the I/O follows.
 for i in 1 2 3; do tx0[$i]=$(replica_tx "$i"); done

@@ -2,8 +2,12 @@
 """The kernel log by sequence number, from /dev/kmsg (needs root).
 
     kmsg.py seq          print the sequence number of the newest record
-    kmsg.py since SEQ    print the records after SEQ, as dmesg does:
-                         "[  secs.usecs] message"
+    kmsg.py since SEQ [FILE]
+                         print the records after SEQ, as dmesg does:
+                         "[  secs.usecs] message"; and write the newest
+                         record's sequence number to FILE (what the next
+                         `since` starts from, without another `seq` run:
+                         each python start costs a second in the TCG guest)
 
 Every record of /dev/kmsg is "prio,seq,usec,flags;message" and its seq only
 grows, so "the records after SEQ" stays exact however much the kernel logs
@@ -59,7 +63,10 @@ def last_seq():
 def since(after, out=sys.stdout, err=sys.stderr):
     expect = after + 1 if after >= 0 else None
     lost = 0
+    newest = after
     for seq, usec, msg in records():
+        if seq is not None:
+            newest = max(newest, seq)
         if seq is None or seq <= after:
             continue
         if expect is not None and seq > expect:
@@ -69,14 +76,18 @@ def since(after, out=sys.stdout, err=sys.stderr):
     if lost:
         err.write(f"kmsg: {lost} kernel log records after seq {after} were lost "
                   "(the ring buffer wrapped); the console log has them\n")
+    return newest
 
 
 def main(argv):
     if len(argv) == 2 and argv[1] == "seq":
         print(last_seq())
         return 0
-    if len(argv) == 3 and argv[1] == "since":
-        since(int(argv[2]))
+    if len(argv) in (3, 4) and argv[1] == "since":
+        newest = since(int(argv[2]))
+        if len(argv) == 4:
+            with open(argv[3], "w") as f:
+                f.write(f"{newest}\n")
         return 0
     sys.stderr.write(__doc__)
     return 2

@@ -127,6 +127,10 @@ pub fn carries(server: u32, active: Option<u32>, active_can: bool) -> bool {
 /// wait a second `request_timeout` there before a standby server got it.
 /// A sibling that is well answers its probe and is cleared at once.
 pub fn suspects_of(aged: u64, server_of: impl Fn(usize) -> Option<u32>) -> u64 {
+    // The common tick: nothing aged, no channel to look up.
+    if aged == 0 {
+        return 0;
+    }
     let mut servers = 0u64;
     let mut out = aged;
     for c in (0..64).filter(|c| aged & (1 << c) != 0) {
