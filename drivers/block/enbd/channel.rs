@@ -140,6 +140,12 @@ pub(crate) fn sender(dev: &Device, chan: &Channel) {
                         break Next::Send(t);
                     }
                 }
+                // Requests wait that this channel will not take: it may
+                // hold the one wake-up meant for them (see `wake.rs`).
+                let queued = io.journal.queued();
+                if io.wakeups.refused(queued) {
+                    dev.work.notify_all();
+                }
                 dev.free_senders.fetch_sub(1, Relaxed);
                 let _ = dev.work.wait_interruptible(&mut io);
                 dev.free_senders.fetch_add(1, Relaxed);

@@ -16,7 +16,9 @@
 //!
 //! The condition variables `work` (senders wait for queued requests and
 //! probes), `idle` (disconnect waits for the journal to drain) and `events`
-//! (`IOC_WAIT` waits for the epoch to change) are used with `io`.
+//! (`IOC_WAIT` waits for the epoch to change) are used with `io`; a sender
+//! may wake `work` while it holds `io` (the wait queue's own lock nests
+//! inside `io`, as in every wait).
 //!
 //! The module's manager thread calls `tick` every 200 ms: it ages in-flight
 //! requests, probes quiet channels, drops channels that fail their probe or
@@ -45,6 +47,7 @@ use crate::journal::{self, Journal, Kind, Outcome, Slot};
 use crate::ratelimit::RateLimit;
 use crate::sys::{self, BlkStatus, BlockDriver, DiskRef, Limits, Param, ReqOp, Rq, Socket, Thread};
 use crate::uapi::{self, Config, DevState, ServerArg, ServersArg, SockArg, Status, WaitArg};
+use crate::wake::{Wake, Wakeups};
 use crate::wire::{tx, Cmd, Request};
 
 pub(crate) type RqJournal = Journal<Rq, KVec<Slot<Rq>>>;
@@ -76,6 +79,8 @@ pub(crate) struct Io {
     chan_log: RateLimit,
     /// Given-up request messages.
     gave_up_log: RateLimit,
+    /// A wake-up queued requests may still be owed (see `wake.rs`).
+    pub(crate) wakeups: Wakeups,
 }
 
 impl Io {
@@ -371,6 +376,7 @@ impl Device {
                     next_serial: 0,
                     chan_log: RateLimit::default(),
                     gave_up_log: RateLimit::default(),
+                    wakeups: Wakeups::default(),
                 }, "enbd:io"),
                 work <- kernel::new_condvar!("enbd:work"),
                 idle <- kernel::new_condvar!("enbd:idle"),
@@ -447,24 +453,28 @@ impl Device {
         }
         let kind = kind_of(&rq);
         let tag = rq.tag();
-        let (refused, wake, all) = {
+        let refused = {
             let mut io = self.io.lock();
             if !io.accepts() {
-                (Some(rq), false, false)
+                Err(rq)
             } else {
-                let r = io.journal.push(tag, rq, kind).err().map(|(_, rq)| rq);
-                let wake = io.journal.queued() > self.free_senders.load(Relaxed);
-                (r, wake, wake && io.has_idle_refusers())
+                match io.journal.push(tag, rq, kind) {
+                    Ok(()) => {
+                        let queued = io.journal.queued();
+                        let free = self.free_senders.load(Relaxed);
+                        // Only asked when it matters (it walks the channels).
+                        let refusers = queued > free && io.has_idle_refusers();
+                        Ok(io.wakeups.queued(queued, free, refusers))
+                    }
+                    Err((_, rq)) => Err(rq),
+                }
             }
         };
         match refused {
-            None if all => self.work.notify_all(),
-            None => {
-                if wake {
-                    self.work.notify_one();
-                }
-            }
-            Some(rq) => {
+            Ok(Wake::None) => {}
+            Ok(Wake::One) => self.work.notify_one(),
+            Ok(Wake::All) => self.work.notify_all(),
+            Err(rq) => {
                 self.stats.errors.fetch_add(1, Relaxed);
                 rq.end(BlkStatus::IOERR);
             }

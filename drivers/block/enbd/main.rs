@@ -34,6 +34,9 @@ mod replica;
 #[path = "../../../userspace/enbd-core/src/uapi.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod uapi;
+#[path = "../../../userspace/enbd-core/src/wake.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod wake;
 #[path = "../../../userspace/enbd-core/src/wire.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod wire;

@@ -12,4 +12,5 @@ pub mod journal;
 pub mod ratelimit;
 pub mod replica;
 pub mod uapi;
+pub mod wake;
 pub mod wire;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use enbd_core::wire::{errno, Cmd, Request, SimpleReply};
 
 use crate::negotiate::{self, ExportInfo, NegotiateError};
+use crate::timed::Timed;
 
 /// Why a connection could not be made or a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,48 +62,6 @@ fn errno_name(e: u32) -> &'static str {
     }
 }
 
-/// A stream whose every read and write ends by `deadline`: the socket's
-/// timeout is shrunk toward it, so a server that trickles bytes (each
-/// within the timeout) cannot make the handshake last.
-struct ByDeadline<'a> {
-    s: &'a mut TcpStream,
-    timeout: Duration,
-    deadline: Instant,
-}
-
-impl ByDeadline<'_> {
-    fn left(&self) -> io::Result<Duration> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "too slow: the deadline passed",
-            ));
-        }
-        Ok(left.min(self.timeout))
-    }
-}
-
-impl Read for ByDeadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let t = self.left()?;
-        self.s.set_read_timeout(Some(t))?;
-        self.s.read(buf)
-    }
-}
-
-impl Write for ByDeadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let t = self.left()?;
-        self.s.set_write_timeout(Some(t))?;
-        self.s.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.s.flush()
-    }
-}
-
 /// Sends `req` (a `READ` of `buf.len()` bytes) and reads its simple reply
 /// into `buf`: the magic, cookie and error are checked. Also for callers
 /// with a stream of their own (the helper's RTT probes, over TLS).
@@ -131,12 +90,11 @@ pub fn exchange(
 /// One negotiated connection to one export.
 #[derive(Debug)]
 pub struct Conn {
-    stream: TcpStream,
+    /// Each wait bounded by the connect timeout, and by the deadline
+    /// when one is set.
+    stream: Timed<TcpStream>,
     info: ExportInfo,
     next_cookie: u64,
-    timeout: Duration,
-    /// When set, each read and write must end by then.
-    deadline: Option<Instant>,
 }
 
 impl Conn {
@@ -159,29 +117,21 @@ impl Conn {
                 Err(e) => last = e,
             }
         }
-        let mut stream = stream.ok_or_else(|| err(last))?;
-        stream.set_read_timeout(Some(timeout)).map_err(err)?;
-        stream.set_write_timeout(Some(timeout)).map_err(err)?;
+        let stream = stream.ok_or_else(|| err(last))?;
         let _ = stream.set_nodelay(true);
+        let mut stream = Timed::new(stream, Some(timeout));
         let hs = |source| ClientError::Handshake {
             addr: addr.to_owned(),
             source,
         };
-        let mut b = ByDeadline {
-            s: &mut stream,
-            timeout,
-            deadline: Instant::now() + timeout * 2,
-        };
-        let nz = negotiate::greet(&mut b).map_err(hs)?;
-        let info = negotiate::go(&mut b, export, nz).map_err(hs)?;
-        stream.set_read_timeout(Some(timeout)).map_err(err)?;
-        stream.set_write_timeout(Some(timeout)).map_err(err)?;
+        stream.set_deadline(Some(Instant::now() + timeout * 2));
+        let nz = negotiate::greet(&mut stream).map_err(hs)?;
+        let info = negotiate::go(&mut stream, export, nz).map_err(hs)?;
+        stream.set_deadline(None);
         Ok(Self {
             stream,
             info,
             next_cookie: 1,
-            timeout,
-            deadline: None,
         })
     }
 
@@ -193,13 +143,8 @@ impl Conn {
     /// Makes every later read and write on the connection end by
     /// `deadline` (a `READ` fails with `TimedOut` past it), on top of the
     /// timeout of each; `None` lifts it.
-    pub fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
-        self.deadline = deadline;
-        if deadline.is_none() {
-            self.stream.set_read_timeout(Some(self.timeout))?;
-            self.stream.set_write_timeout(Some(self.timeout))?;
-        }
-        Ok(())
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.stream.set_deadline(deadline);
     }
 
     /// The export's size.
@@ -229,17 +174,7 @@ impl Conn {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
         let req = Request::new(Cmd::Read, 0, cookie, off, len);
-        match self.deadline {
-            Some(deadline) => {
-                let mut s = ByDeadline {
-                    s: &mut self.stream,
-                    timeout: self.timeout,
-                    deadline,
-                };
-                exchange(&mut s, &req, buf)
-            }
-            None => exchange(&mut self.stream, &req, buf),
-        }
+        exchange(&mut self.stream, &req, buf)
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`); errors are ignored, the
@@ -359,17 +294,21 @@ mod tests {
             s.read_exact(&mut req).unwrap();
             let r = Request::decode(&req).unwrap();
             s.write_all(&reply(0, r.cookie, &[])).unwrap();
-            // A byte every 20 ms, each well within the timeout.
+            // A byte every 70 ms, each well within the timeout; the
+            // deadline then falls in a wait, whose socket timeout the
+            // caller must see as `TimedOut` too.
             while s.write_all(&[0]).is_ok() {
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(70));
             }
         });
         let mut c = Conn::connect(&addr, "d", Duration::from_secs(1)).unwrap();
         let start = Instant::now();
-        c.set_deadline(Some(start + Duration::from_millis(300)))
-            .unwrap();
+        c.set_deadline(Some(start + Duration::from_millis(300)));
         let e = c.read(&mut [0u8; 4096], 0).unwrap_err();
-        assert!(matches!(&e, ClientError::Io(e) if e.kind() == io::ErrorKind::TimedOut));
+        assert!(
+            matches!(&e, ClientError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{e:?}"
+        );
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 

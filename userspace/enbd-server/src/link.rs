@@ -8,100 +8,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use enbd_nbd::timed::Timed;
 use rustls::{ServerConnection, StreamOwned};
-
-/// The socket timeouts std offers on both stream types, but in no trait.
-pub trait Timeouts {
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-}
-
-macro_rules! impl_timeouts {
-    ($t:ty) => {
-        impl Timeouts for $t {
-            fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-                <$t>::set_read_timeout(self, t)
-            }
-            fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-                <$t>::set_write_timeout(self, t)
-            }
-        }
-    };
-}
-impl_timeouts!(TcpStream);
-impl_timeouts!(UnixStream);
-
-/// A socket whose every read and write must end by a deadline. Each call
-/// arms `SO_RCVTIMEO`/`SO_SNDTIMEO` with the time left rather than a fixed
-/// span, so a client trickling bytes cannot push the deadline out. It sits
-/// under rustls too: one TLS read can take many socket reads.
-pub struct Timed<S> {
-    sock: S,
-    deadline: Option<Instant>,
-}
-
-fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "handshake time limit reached")
-}
-
-impl<S: Timeouts> Timed<S> {
-    fn new(sock: S) -> Self {
-        Self {
-            sock,
-            deadline: None,
-        }
-    }
-
-    /// Time left before the deadline; `None` without one.
-    fn left(&self) -> io::Result<Option<Duration>> {
-        let Some(d) = self.deadline else {
-            return Ok(None);
-        };
-        match d.checked_duration_since(Instant::now()) {
-            Some(left) if !left.is_zero() => Ok(Some(left)),
-            _ => Err(timed_out()),
-        }
-    }
-
-    /// The bare socket, blocking with no timeouts: transmission and kernel
-    /// TLS must not see the handshake's.
-    fn into_inner(self) -> io::Result<S> {
-        self.sock.set_read_timeout(None)?;
-        self.sock.set_write_timeout(None)?;
-        Ok(self.sock)
-    }
-
-    /// Runs one socket call under the deadline; the timeout it hits
-    /// (`EAGAIN`) is reported as such.
-    fn bounded<T>(&mut self, io: impl FnOnce(&mut S) -> io::Result<T>) -> io::Result<T> {
-        let armed = self.deadline.is_some();
-        match io(&mut self.sock) {
-            Err(e) if armed && e.kind() == io::ErrorKind::WouldBlock => Err(timed_out()),
-            r => r,
-        }
-    }
-}
-
-impl<S: Read + Timeouts> Read for Timed<S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(left) = self.left()? {
-            self.sock.set_read_timeout(Some(left))?;
-        }
-        self.bounded(|s| s.read(buf))
-    }
-}
-
-impl<S: Write + Timeouts> Write for Timed<S> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(left) = self.left()? {
-            self.sock.set_write_timeout(Some(left))?;
-        }
-        self.bounded(|s| s.write(buf))
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.sock.flush()
-    }
-}
 
 /// What the handshake runs on.
 pub enum Link {
@@ -122,11 +30,11 @@ pub enum Bare {
 
 impl Link {
     pub fn tcp(s: TcpStream) -> Self {
-        Link::Tcp(Timed::new(s))
+        Link::Tcp(Timed::new(s, None))
     }
 
     pub fn unix(s: UnixStream) -> Self {
-        Link::Unix(Timed::new(s))
+        Link::Unix(Timed::new(s, None))
     }
 
     pub fn is_tls(&self) -> bool {
@@ -138,9 +46,9 @@ impl Link {
     pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
         use std::os::fd::AsFd;
         match self {
-            Link::Tcp(s) => s.sock.as_fd().try_clone_to_owned(),
-            Link::Unix(s) => s.sock.as_fd().try_clone_to_owned(),
-            Link::Tls(s) => s.sock.sock.as_fd().try_clone_to_owned(),
+            Link::Tcp(s) => s.get_ref().as_fd().try_clone_to_owned(),
+            Link::Unix(s) => s.get_ref().as_fd().try_clone_to_owned(),
+            Link::Tls(s) => s.sock.get_ref().as_fd().try_clone_to_owned(),
             Link::Upgrading => Err(gone()),
         }
     }
@@ -149,9 +57,9 @@ impl Link {
     /// `TimedOut` once `deadline` has passed (`None`: no limit).
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
         match self {
-            Link::Tcp(s) => s.deadline = deadline,
-            Link::Unix(s) => s.deadline = deadline,
-            Link::Tls(s) => s.sock.deadline = deadline,
+            Link::Tcp(s) => s.set_deadline(deadline),
+            Link::Unix(s) => s.set_deadline(deadline),
+            Link::Tls(s) => s.sock.set_deadline(deadline),
             Link::Upgrading => {}
         }
     }
@@ -339,10 +247,10 @@ mod tests {
         link.read_exact(&mut [0u8; 2]).unwrap();
         let Link::Tcp(t) = &link else { unreachable!() };
         assert!(
-            t.sock.read_timeout().unwrap().is_some(),
+            t.get_ref().read_timeout().unwrap().is_some(),
             "armed while handshaking"
         );
-        assert!(t.sock.write_timeout().unwrap().is_some());
+        assert!(t.get_ref().write_timeout().unwrap().is_some());
         let Bare::Tcp(bare) = link.into_bare().unwrap() else {
             unreachable!()
         };
@@ -356,7 +264,7 @@ mod tests {
         let mut link = Link::unix(s);
         // `pair` gives up after PATIENCE; a short one shows it is kept.
         let Link::Unix(u) = &link else { unreachable!() };
-        u.sock.set_read_timeout(Some(LIMIT)).unwrap();
+        u.get_ref().set_read_timeout(Some(LIMIT)).unwrap();
         let e = link.read_exact(&mut [0u8; 1]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }

@@ -114,14 +114,14 @@ fn read_by(c: &mut Conn, buf: &mut [u8], off: u64, deadline: Instant) -> Result<
         .info()
         .block_sizes
         .map_or(PIECE, |(_, _, max)| u64::from(max).clamp(4096, PIECE)) as usize;
-    c.set_deadline(Some(deadline))?;
+    c.set_deadline(Some(deadline));
     let mut done = 0usize;
     while done < buf.len() {
         let n = (buf.len() - done).min(piece);
         c.read(&mut buf[done..done + n], off + done as u64)?;
         done += n;
     }
-    c.set_deadline(None)?;
+    c.set_deadline(None);
     Ok(())
 }
 
