@@ -52,15 +52,9 @@ def records():
         os.close(fd)
 
 
-def last_seq():
-    last = -1
-    for seq, _, _ in records():
-        if seq is not None:
-            last = seq
-    return last
-
-
 def since(after, out=sys.stdout, err=sys.stderr):
+    """Prints the records after `after` to `out` (None: prints nothing)
+    and returns the newest record's sequence number (`after` if none)."""
     expect = after + 1 if after >= 0 else None
     lost = 0
     newest = after
@@ -72,7 +66,8 @@ def since(after, out=sys.stdout, err=sys.stderr):
         if expect is not None and seq > expect:
             lost += seq - expect
         expect = seq + 1
-        out.write(f"[{usec // 1000000:5d}.{usec % 1000000:06d}] {msg}\n")
+        if out is not None:
+            out.write(f"[{usec // 1000000:5d}.{usec % 1000000:06d}] {msg}\n")
     if lost:
         err.write(f"kmsg: {lost} kernel log records after seq {after} were lost "
                   "(the ring buffer wrapped); the console log has them\n")
@@ -81,7 +76,7 @@ def since(after, out=sys.stdout, err=sys.stderr):
 
 def main(argv):
     if len(argv) == 2 and argv[1] == "seq":
-        print(last_seq())
+        print(since(-1, out=None))
         return 0
     if len(argv) in (3, 4) and argv[1] == "since":
         newest = since(int(argv[2]))

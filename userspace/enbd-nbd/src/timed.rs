@@ -34,7 +34,7 @@ impl_timeouts!(UnixStream);
 /// with the time left rather than a fixed span, so a peer trickling bytes
 /// cannot push the deadline out. It sits under rustls too: one TLS read
 /// can take many socket reads. A wait that runs out is `TimedOut`, never
-/// the `WouldBlock` the socket reports, so callers need test one kind.
+/// the `WouldBlock` the socket reports, so callers test for one kind only.
 #[derive(Debug)]
 pub struct Timed<S> {
     sock: S,
