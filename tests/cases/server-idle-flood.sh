@@ -8,9 +8,14 @@ python3 "$ENBD_ROOT/tests/tools/nbdflood.py" idle 127.0.0.1 10809 1000 25 >/tmp/
 FLOOD=$!
 wait_for 60 grep -q '^opened 1000' /tmp/flood.out || { cat /tmp/flood.out; fail "the flood did not open its connections"; }
 # No more handshakes than the cap (plus the accept, signal and main threads).
-threads=$(awk '/^Threads:/ { print $2 }' /proc/"$SERVER_PID"/status)
-echo "server threads with 1000 idle connections open: $threads"
-[ "$threads" -le 70 ] || fail "$threads server threads: idle handshakes are not evicted"
+# An evicted handshake's thread exits once it sees its socket shut down, so
+# the count may lag the evictions by a moment (82 seen once under load).
+server_threads() { awk '/^Threads:/ { print $2 }' /proc/"$SERVER_PID"/status; }
+few_threads() { [ "$(server_threads)" -le 70 ]; }
+echo "server threads with 1000 idle connections open: $(server_threads)"
+wait_for 5 few_threads ||
+	fail "$(server_threads) server threads 5 s later: idle handshakes are not evicted"
+echo "server threads: $(server_threads)"
 # A good client connects and does I/O within seconds, while all of them
 # are still open.
 head -c 4M /dev/urandom >/tmp/src.bin
